@@ -1,0 +1,104 @@
+#include "attention/entry.h"
+
+#include <ATen/ATen.h>
+#include <ATen/ExpandUtils.h>
+
+#include "attention/contract.h"
+
+namespace mha_ext {
+namespace {
+
+void check_saved(const at::Tensor& t, const char* name, const std::vector<int64_t>& shape, at::ScalarType dtype,
+                 const at::Tensor& query) {
+  TORCH_CHECK_VALUE(t.sizes() == at::IntArrayRef(shape), "mha_ext: ", name, " must have shape ", at::IntArrayRef(shape),
+                    ", got ", t.sizes());
+  TORCH_CHECK_TYPE(t.scalar_type() == dtype, "mha_ext: ", name, " must have dtype ", dtype, ", got ", t.scalar_type());
+  TORCH_CHECK_VALUE(t.device() == query.device(), "mha_ext: ", name, " must be on the query's device ", query.device(),
+                    ", got ", t.device());
+}
+
+// d loss / d (a broadcast additive input) is the scores' gradient summed over the dims it broadcasts on.
+at::Tensor reduce_to(const at::Tensor& grad_scores, const std::optional<at::Tensor>& input, const char* name) {
+  TORCH_CHECK_VALUE(input.has_value() && input->defined() && input->is_floating_point(), "mha_ext: a gradient for ",
+                    name, " was requested, but ", name, " is not a floating tensor");
+  return at::sum_to(grad_scores, input->sizes()).to(input->scalar_type());
+}
+
+}  // namespace
+
+at::ScalarType accumulation_dtype(at::ScalarType dtype) { return dtype == at::kDouble ? at::kDouble : at::kFloat; }
+
+std::tuple<at::Tensor, at::Tensor> attention_forward(const at::Tensor& query, const at::Tensor& key,
+                                                     const at::Tensor& value,
+                                                     const std::optional<at::Tensor>& attn_mask,
+                                                     const std::optional<at::Tensor>& attn_bias, bool is_causal,
+                                                     double scale, ForwardKernel kernel) {
+  PreparedAttention prep = prepare_attention(query, key, value, attn_mask, attn_bias, is_causal, scale);
+  at::Tensor out = at::empty(prep.out_shape, query.options());
+  at::Tensor lse = at::empty(prep.lse_shape, query.options().dtype(accumulation_dtype(query.scalar_type())));
+  prep.params.out = out.data_ptr();
+  prep.params.lse = lse.data_ptr();
+  if (out.numel() > 0) kernel(prep.params, query.scalar_type());
+  return {out, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward(
+    const at::Tensor& grad_output, const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
+    const std::optional<at::Tensor>& attn_mask, const std::optional<at::Tensor>& attn_bias,
+    const at::Tensor& output, const at::Tensor& lse, const std::optional<at::Tensor>& grad_lse, bool is_causal, double scale, bool mask_requires_grad,
+    bool bias_requires_grad, BackwardKernel kernel) {
+  PreparedAttention prep = prepare_attention(query, key, value, attn_mask, attn_bias, is_causal, scale);
+  const at::ScalarType acc = accumulation_dtype(query.scalar_type());
+  check_saved(output, "output", prep.out_shape, query.scalar_type(), query);
+  check_saved(lse, "lse", prep.lse_shape, acc, query);
+  const at::Tensor out_c = output.contiguous();
+  const at::Tensor lse_c = lse.contiguous();
+
+  AttentionGradParams g;
+  g.fwd = prep.params;
+  g.fwd.out = const_cast<void*>(out_c.data_ptr());
+  g.fwd.lse = const_cast<void*>(lse_c.data_ptr());
+  at::Tensor grad_lse_c;
+  if (grad_lse.has_value() && grad_lse->defined()) {
+    check_saved(*grad_lse, "grad_lse", prep.lse_shape, acc, query);
+    grad_lse_c = grad_lse->contiguous();
+    g.grad_lse = grad_lse_c.data_ptr();
+  }
+  at::Tensor grad_out_alive;
+  g.grad_out = query_like_operand(prep, grad_output, "grad_output", prep.params.Ev, grad_out_alive);
+
+  std::vector<int64_t> grad_query_shape(prep.lse_shape);
+  grad_query_shape.push_back(prep.params.E);
+  at::Tensor grad_query = at::zeros(grad_query_shape, query.options().dtype(acc));
+  at::Tensor grad_key = at::empty(key.sizes(), key.options());
+  at::Tensor grad_value = at::empty(value.sizes(), value.options());
+  at::Tensor grad_scores;
+  if (mask_requires_grad || bias_requires_grad) {
+    grad_scores = at::zeros(prep.scores_shape, query.options().dtype(acc));
+    g.grad_scores = grad_scores.data_ptr();
+  }
+  g.grad_query = grad_query.data_ptr();
+  g.grad_key = grad_key.data_ptr();
+  g.grad_value = grad_value.data_ptr();
+  if (grad_key.numel() > 0 || grad_query.numel() > 0) kernel(g, query.scalar_type());
+
+  const at::Tensor none = at::empty({0}, query.options());
+  return {grad_query.to(query.scalar_type()), grad_key, grad_value,
+          mask_requires_grad ? reduce_to(grad_scores, attn_mask, "attn_mask") : none,
+          bias_requires_grad ? reduce_to(grad_scores, attn_bias, "attn_bias") : none};
+}
+
+at::Tensor attention_weights(const at::Tensor& query, const at::Tensor& key,
+                             const std::optional<at::Tensor>& attn_mask, const std::optional<at::Tensor>& attn_bias,
+                             const at::Tensor& lse, bool is_causal, double scale, WeightsKernel kernel) {
+  // The weights do not involve the values; the key stands in for them so the contract checks the rest.
+  PreparedAttention prep = prepare_attention(query, key, key, attn_mask, attn_bias, is_causal, scale);
+  check_saved(lse, "lse", prep.lse_shape, accumulation_dtype(query.scalar_type()), query);
+  const at::Tensor lse_c = lse.contiguous();
+  prep.params.lse = const_cast<void*>(lse_c.data_ptr());
+  at::Tensor weights = at::zeros(prep.scores_shape, query.options());
+  if (weights.numel() > 0) kernel(prep.params, query.scalar_type(), weights.data_ptr());
+  return weights;
+}
+
+}  // namespace mha_ext

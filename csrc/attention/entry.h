@@ -1,0 +1,40 @@
+// Device-independent bodies of the ops: validate through the contract, allocate the outputs, run the
+// backend's kernel, and shape the results. Each backend registers these with its own kernels.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <tuple>
+
+#include "attention/params.h"
+
+namespace mha_ext {
+
+using ForwardKernel = void (*)(const AttentionParams&, at::ScalarType);
+using BackwardKernel = void (*)(const AttentionGradParams&, at::ScalarType);
+using WeightsKernel = void (*)(const AttentionParams&, at::ScalarType, void* weights);
+
+// Accumulation dtype of the kernels for inputs of `dtype`: float64 for float64, else float32.
+at::ScalarType accumulation_dtype(at::ScalarType dtype);
+
+// Returns (output (..., Hq, L, Ev), lse (..., Hq, L)).
+std::tuple<at::Tensor, at::Tensor> attention_forward(const at::Tensor& query, const at::Tensor& key,
+                                                     const at::Tensor& value,
+                                                     const std::optional<at::Tensor>& attn_mask,
+                                                     const std::optional<at::Tensor>& attn_bias, bool is_causal,
+                                                     double scale, ForwardKernel kernel);
+
+// Returns (grad_query, grad_key, grad_value, grad_attn_mask, grad_attn_bias); the last two are empty
+// tensors unless requested, and otherwise have the shapes of attn_mask and attn_bias.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward(
+    const at::Tensor& grad_output, const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
+    const std::optional<at::Tensor>& attn_mask, const std::optional<at::Tensor>& attn_bias,
+    const at::Tensor& output, const at::Tensor& lse, const std::optional<at::Tensor>& grad_lse, bool is_causal, double scale, bool mask_requires_grad,
+    bool bias_requires_grad, BackwardKernel kernel);
+
+// Softmax probabilities (..., Hq, L, S) recomputed from the saved LSE; rows with nothing to attend are 0.
+at::Tensor attention_weights(const at::Tensor& query, const at::Tensor& key,
+                             const std::optional<at::Tensor>& attn_mask, const std::optional<at::Tensor>& attn_bias,
+                             const at::Tensor& lse, bool is_causal, double scale, WeightsKernel kernel);
+
+}  // namespace mha_ext

@@ -1,0 +1,84 @@
+// The kernel-facing description of one attention call: plain data, usable from host and device code.
+//
+// Every operand is addressed on one "batch grid": query's leading dims, with the head dim split into
+// (kv_heads, group) so that grouped-query attention needs no division and no repeated K/V: query head
+// h = kv_head * group + g, and key/value simply have stride 0 along `group`. Broadcast masks get stride 0
+// along the dims they broadcast over, so nothing is ever expanded in memory.
+#pragma once
+
+#include <cstdint>
+
+#if defined(__CUDACC__)
+#define MHA_HOST_DEVICE __host__ __device__
+#else
+#define MHA_HOST_DEVICE
+#endif
+
+namespace mha_ext {
+
+constexpr int kMaxGridDims = 8;
+
+struct BatchGrid {
+  int ndim = 0;
+  int64_t sizes[kMaxGridDims] = {};
+  int64_t numel = 1;   // product of sizes: the number of (batch, query head) pairs
+  int64_t group = 1;   // sizes[ndim - 1]: query heads per key/value head
+};
+
+// A (grid..., rows, cols) view of a tensor; strides in elements.
+struct Operand {
+  const void* data = nullptr;
+  int64_t grid_strides[kMaxGridDims] = {};
+  int64_t row_stride = 0;
+  int64_t col_stride = 1;
+
+  MHA_HOST_DEVICE int64_t offset(const BatchGrid& grid, int64_t flat) const {
+    int64_t off = 0;
+    for (int d = grid.ndim - 1; d >= 0; --d) {
+      const int64_t size = grid.sizes[d];
+      off += (flat % size) * grid_strides[d];
+      flat /= size;
+    }
+    return off;
+  }
+  template <typename T>
+  MHA_HOST_DEVICE const T* ptr(const BatchGrid& grid, int64_t flat) const {
+    return static_cast<const T*>(data) + offset(grid, flat);
+  }
+};
+
+enum class AdditiveType : int { kNone = 0, kSameAsQuery = 1, kFloat32 = 2 };
+
+struct AttentionParams {
+  BatchGrid grid;
+  int64_t L = 0, S = 0, E = 0, Ev = 0;
+  double scale = 1.0;
+  bool is_causal = false;
+
+  Operand query, key, value;  // col_stride == 1
+  bool has_bool_mask = false;
+  Operand bool_mask;          // bool, True = attend
+  // Up to two floating tensors added to the scaled scores: a floating attn_mask and attn_bias.
+  AdditiveType mask_add_type = AdditiveType::kNone;
+  Operand mask_add;
+  AdditiveType bias_type = AdditiveType::kNone;
+  Operand bias;
+
+  void* out = nullptr;   // contiguous (grid, L, Ev), query's dtype
+  void* lse = nullptr;   // contiguous (grid, L), accumulation type (float32; float64 for float64 inputs)
+};
+
+struct AttentionGradParams {
+  AttentionParams fwd;        // out/lse point to the saved forward results
+  Operand grad_out;           // (grid, L, Ev), col_stride == 1
+  const void* grad_lse = nullptr;  // contiguous (grid, L), accumulation type, or null
+  // Outputs. The accumulating ones are in the accumulation type (float32, or float64 for float64 inputs);
+  // grad_key/grad_value are in the query's dtype, one row per (kv batch, key position).
+  void* grad_query = nullptr;   // contiguous (grid, L, E), zero-filled, accumulation type
+  void* grad_key = nullptr;     // contiguous (grid / group, S, E)
+  void* grad_value = nullptr;   // contiguous (grid / group, S, Ev)
+  void* grad_scores = nullptr;  // contiguous (grid, L, S), zero-filled, accumulation type; null when no
+                                // floating mask or bias needs a gradient
+};
+
+}  // namespace mha_ext

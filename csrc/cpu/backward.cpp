@@ -1,0 +1,165 @@
+// Fused attention backward on the CPU. Work items are (kv batch, block of key tiles): each owns its rows
+// of dK and dV outright, loops over the query heads sharing that K/V (GQA) and over the query tiles, and
+// recomputes the probabilities from the saved LSE. dQ gets one partial sum per key block, added up in a
+// fixed order afterwards: no atomics, no races, bitwise reproducible for any thread count.
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <cstring>
+
+#include "attention/entry.h"
+#include "cpu/tile.h"
+
+namespace mha_ext::cpu {
+namespace {
+
+constexpr int64_t kBlockQ = 64;
+constexpr int64_t kBlockK = 64;
+// Enough work items to keep a many-core machine busy when there are few heads; the split depends only
+// on the shapes, never on the thread count.
+constexpr int64_t kMinWorkItems = 32;
+constexpr int64_t kMaxPartialBytes = int64_t(256) << 20;
+
+int64_t choose_kv_blocks(int64_t kv_batch, int64_t k_tiles, int64_t dq_numel, int64_t acc_bytes) {
+  int64_t blocks = std::clamp<int64_t>(ceil_div(kMinWorkItems, std::max<int64_t>(kv_batch, 1)), 1,
+                                       std::max<int64_t>(k_tiles, 1));
+  while (blocks > 1 && (blocks - 1) * dq_numel * acc_bytes > kMaxPartialBytes) --blocks;
+  return blocks;
+}
+
+// delta[r] = rowsum(dO * O) - dLSE: with P = softmax, dS = P * (dP - delta).
+template <typename scalar_t, typename acc_t>
+void compute_delta(const AttentionGradParams& g, acc_t* delta) {
+  const AttentionParams& p = g.fwd;
+  const int64_t L = p.L, Ev = p.Ev;
+  at::parallel_for(0, p.grid.numel * L, 256, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t n = r / L, i = r % L;
+      const scalar_t* d_out = g.grad_out.ptr<scalar_t>(p.grid, n) + i * g.grad_out.row_stride;
+      const scalar_t* out = static_cast<const scalar_t*>(p.out) + r * Ev;
+      acc_t sum = 0;
+      for (int64_t e = 0; e < Ev; ++e) sum += static_cast<acc_t>(d_out[e]) * static_cast<acc_t>(out[e]);
+      delta[r] = g.grad_lse == nullptr ? sum : sum - static_cast<const acc_t*>(g.grad_lse)[r];
+    }
+  });
+}
+
+template <typename scalar_t>
+void backward_kernel(const AttentionGradParams& g) {
+  using acc_t = acc_type<scalar_t>;
+  const AttentionParams& p = g.fwd;
+  const int64_t N = p.grid.numel, G = p.grid.group, M = N / G;
+  const int64_t L = p.L, S = p.S, E = p.E, Ev = p.Ev;
+  const auto acc_options = at::TensorOptions().dtype(c10::CppTypeToScalarType<acc_t>::value);
+
+  at::Tensor delta_t = at::empty({N * L}, acc_options);
+  acc_t* delta = delta_t.data_ptr<acc_t>();
+  compute_delta<scalar_t>(g, delta);
+
+  const int64_t k_tiles = ceil_div(S, kBlockK);
+  const int64_t dq_numel = N * L * E;
+  const int64_t kv_blocks = choose_kv_blocks(M, k_tiles, dq_numel, sizeof(acc_t));
+  const int64_t tiles_per_block = ceil_div(k_tiles, kv_blocks);
+  at::Tensor dq_partials = kv_blocks > 1 ? at::zeros({kv_blocks - 1, dq_numel}, acc_options) : at::Tensor();
+  acc_t* grad_query = static_cast<acc_t*>(g.grad_query);
+  const acc_t* lse_all = static_cast<const acc_t*>(p.lse);
+  acc_t* grad_scores = static_cast<acc_t*>(g.grad_scores);
+  const acc_t scale = static_cast<acc_t>(p.scale);
+
+  at::parallel_for(0, M * kv_blocks, 1, [&](int64_t begin, int64_t end) {
+    Scratch<acc_t> q_buf(kBlockQ * E), do_buf(kBlockQ * Ev), k_buf(kBlockK * E), v_buf(kBlockK * Ev),
+        p_buf(kBlockQ * kBlockK), ds_buf(kBlockQ * kBlockK), dk_buf(kBlockK * E), dv_buf(kBlockK * Ev);
+    acc_t* probs = p_buf.data();
+    acc_t* dscores = ds_buf.data();
+    acc_t* dk = dk_buf.data();
+    acc_t* dv = dv_buf.data();
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t m = item / kv_blocks, block = item % kv_blocks;
+      acc_t* dq_base = block == 0 ? grad_query : dq_partials.data_ptr<acc_t>() + (block - 1) * dq_numel;
+      const int64_t kt_end = std::min(k_tiles, (block + 1) * tiles_per_block);
+      for (int64_t kt = block * tiles_per_block; kt < kt_end; ++kt) {
+        const int64_t k0 = kt * kBlockK, cols = std::min(kBlockK, S - k0);
+        std::fill(dk, dk + cols * E, acc_t(0));
+        std::fill(dv, dv + cols * Ev, acc_t(0));
+        // Every query head of the group reads the same K/V rows.
+        const HeadView<scalar_t> kv_head(p, m * G);
+        const auto k_rows = rows_as_acc(kv_head.k + k0 * p.key.row_stride, p.key.row_stride, cols, E, k_buf.data());
+        const auto v_rows =
+            rows_as_acc(kv_head.v + k0 * p.value.row_stride, p.value.row_stride, cols, Ev, v_buf.data());
+        for (int64_t gi = 0; gi < G; ++gi) {
+          const int64_t n = m * G + gi;
+          const HeadView<scalar_t> head(p, n);
+          const scalar_t* d_out = g.grad_out.ptr<scalar_t>(p.grid, n);
+          const int64_t q_start = p.is_causal ? (k0 / kBlockQ) * kBlockQ : 0;
+          for (int64_t q0 = q_start; q0 < L; q0 += kBlockQ) {
+            const int64_t rows = std::min(kBlockQ, L - q0);
+            if (!head.tile_has_work(q0, rows, k0, cols)) continue;
+            const auto q_rows =
+                rows_as_acc(head.q + q0 * p.query.row_stride, p.query.row_stride, rows, E, q_buf.data());
+            const auto do_rows =
+                rows_as_acc(d_out + q0 * g.grad_out.row_stride, g.grad_out.row_stride, rows, Ev, do_buf.data());
+            head.score_tile(q0, rows, k0, cols, q_rows, k_rows, probs, kBlockK);
+            // dP = dO V^T
+            gemm(Trans::kNo, Trans::kYes, rows, cols, Ev, acc_t(1), do_rows.data, do_rows.ld, v_rows.data,
+                 v_rows.ld, acc_t(0), dscores, kBlockK);
+            for (int64_t i = 0; i < rows; ++i) {
+              acc_t* p_row = probs + i * kBlockK;
+              acc_t* ds_row = dscores + i * kBlockK;
+              const acc_t lse = lse_all[n * L + q0 + i];
+              if (lse == kNegInf<acc_t>) {
+                std::fill(p_row, p_row + cols, acc_t(0));  // nothing attended: no gradient
+              } else {
+                exp_shifted_sum(p_row, cols, lse);
+              }
+              const acc_t d = delta[n * L + q0 + i];
+              for (int64_t j = 0; j < cols; ++j) ds_row[j] = p_row[j] * (ds_row[j] - d);
+              if (grad_scores != nullptr) {
+                std::memcpy(grad_scores + (n * L + q0 + i) * S + k0, ds_row, sizeof(acc_t) * cols);
+              }
+            }
+            // dV += P^T dO;  dK += scale dS^T Q;  dQ += scale dS K
+            gemm(Trans::kYes, Trans::kNo, cols, Ev, rows, acc_t(1), probs, kBlockK, do_rows.data, do_rows.ld,
+                 acc_t(1), dv, Ev);
+            gemm(Trans::kYes, Trans::kNo, cols, E, rows, scale, dscores, kBlockK, q_rows.data, q_rows.ld, acc_t(1),
+                 dk, E);
+            gemm(Trans::kNo, Trans::kNo, rows, E, cols, scale, dscores, kBlockK, k_rows.data, k_rows.ld, acc_t(1),
+                 dq_base + (n * L + q0) * E, E);
+          }
+        }
+        scalar_t* grad_key = static_cast<scalar_t*>(g.grad_key) + (m * S + k0) * E;
+        scalar_t* grad_value = static_cast<scalar_t*>(g.grad_value) + (m * S + k0) * Ev;
+        for (int64_t r = 0; r < cols * E; ++r) grad_key[r] = static_cast<scalar_t>(dk[r]);
+        for (int64_t r = 0; r < cols * Ev; ++r) grad_value[r] = static_cast<scalar_t>(dv[r]);
+      }
+    }
+  });
+
+  if (kv_blocks > 1) {
+    const acc_t* partials = dq_partials.data_ptr<acc_t>();
+    at::parallel_for(0, dq_numel, 4096, [&](int64_t begin, int64_t end) {
+      for (int64_t b = 0; b < kv_blocks - 1; ++b)
+        for (int64_t r = begin; r < end; ++r) grad_query[r] += partials[b * dq_numel + r];
+    });
+  }
+}
+
+void backward_cpu(const AttentionGradParams& g, at::ScalarType dtype) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dtype, "mha_ext_attention_backward_cpu",
+                                  [&] { backward_kernel<scalar_t>(g); });
+}
+
+}  // namespace
+
+}  // namespace mha_ext::cpu
+
+TORCH_LIBRARY_IMPL(mha_ext, CPU, m) {
+  m.impl("attention_backward",
+         [](const at::Tensor& grad_output, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+            const std::optional<at::Tensor>& mask, const std::optional<at::Tensor>& bias, const at::Tensor& output,
+            const at::Tensor& lse, const std::optional<at::Tensor>& grad_lse, bool is_causal, double scale,
+            bool mask_requires_grad, bool bias_requires_grad) {
+           return mha_ext::attention_backward(grad_output, q, k, v, mask, bias, output, lse, grad_lse, is_causal, scale,
+                                     mask_requires_grad, bias_requires_grad, mha_ext::cpu::backward_cpu);
+         });
+}

@@ -1,0 +1,126 @@
+#include "cpu/gemm.h"
+
+#include <ATen/cpu/vec/vec.h>
+#include <c10/util/Exception.h>
+
+#include <climits>
+#include <cstdlib>
+#include <cstring>
+
+// Fortran BLAS entry points exported by the BLAS torch links (LP64 integers). Weak, so that a torch
+// build without them still loads this library and falls back to the native products.
+extern "C" {
+void sgemm_(const char*, const char*, const int*, const int*, const int*, const float*, const float*,
+            const int*, const float*, const int*, const float*, float*, const int*) __attribute__((weak));
+void dgemm_(const char*, const char*, const int*, const int*, const int*, const double*, const double*,
+            const int*, const double*, const int*, const double*, double*, const int*) __attribute__((weak));
+}
+
+namespace mha_ext::cpu {
+namespace {
+
+bool use_blas() {
+  static const bool value = [] {
+    const char* env = std::getenv("MHA_EXT_CPU_GEMM");
+    if (env != nullptr && std::strcmp(env, "native") == 0) return false;
+    return sgemm_ != nullptr && dgemm_ != nullptr;
+  }();
+  return value;
+}
+
+bool fits_int(int64_t v) { return v >= 0 && v <= INT_MAX; }
+
+template <typename T>
+void scale_rows(int64_t M, int64_t N, T beta, T* C, int64_t ldc) {
+  for (int64_t i = 0; i < M; ++i) {
+    T* c = C + i * ldc;
+    if (beta == T(0)) {
+      std::memset(c, 0, sizeof(T) * N);  // beta == 0 must not propagate NaN/inf from C
+    } else if (beta != T(1)) {
+      for (int64_t j = 0; j < N; ++j) c[j] *= beta;
+    }
+  }
+}
+
+// c[0:n] += a * b[0:n]
+template <typename T>
+inline void axpy(int64_t n, T a, const T* b, T* c) {
+  using Vec = at::vec::Vectorized<T>;
+  const Vec va(a);
+  int64_t j = 0;
+  for (; j + Vec::size() <= n; j += Vec::size()) {
+    at::vec::fmadd(va, Vec::loadu(b + j), Vec::loadu(c + j)).store(c + j);
+  }
+  for (; j < n; ++j) c[j] += a * b[j];
+}
+
+template <typename T>
+inline T dot(int64_t n, const T* a, const T* b) {
+  using Vec = at::vec::Vectorized<T>;
+  Vec acc(T(0));
+  int64_t k = 0;
+  for (; k + Vec::size() <= n; k += Vec::size()) acc = at::vec::fmadd(Vec::loadu(a + k), Vec::loadu(b + k), acc);
+  T sum = at::vec::vec_reduce_all<T>([](Vec& x, Vec& y) { return x + y; }, acc);
+  for (; k < n; ++k) sum += a[k] * b[k];
+  return sum;
+}
+
+template <typename T>
+void native_gemm(Trans ta, Trans tb, int64_t M, int64_t N, int64_t K, T alpha, const T* A, int64_t lda,
+                 const T* B, int64_t ldb, T beta, T* C, int64_t ldc) {
+  scale_rows(M, N, beta, C, ldc);
+  if (ta == Trans::kNo && tb == Trans::kYes) {
+    for (int64_t i = 0; i < M; ++i)
+      for (int64_t j = 0; j < N; ++j) C[i * ldc + j] += alpha * dot(K, A + i * lda, B + j * ldb);
+  } else if (ta == Trans::kNo && tb == Trans::kNo) {
+    for (int64_t i = 0; i < M; ++i)
+      for (int64_t k = 0; k < K; ++k) axpy(N, alpha * A[i * lda + k], B + k * ldb, C + i * ldc);
+  } else if (ta == Trans::kYes && tb == Trans::kNo) {
+    for (int64_t k = 0; k < K; ++k)
+      for (int64_t i = 0; i < M; ++i) axpy(N, alpha * A[k * lda + i], B + k * ldb, C + i * ldc);
+  } else {
+    TORCH_CHECK(false, "mha_ext internal error: gemm(T, T) is not implemented");
+  }
+}
+
+// Row-major C = op(A) op(B) is column-major C^T = op(B)^T op(A)^T: swap the operands, keep the flags.
+template <typename T, typename Blas>
+bool try_blas(Blas* blas, Trans ta, Trans tb, int64_t M, int64_t N, int64_t K, T alpha, const T* A,
+              int64_t lda, const T* B, int64_t ldb, T beta, T* C, int64_t ldc) {
+  if (!use_blas() || !fits_int(M) || !fits_int(N) || !fits_int(K) || !fits_int(lda) || !fits_int(ldb) ||
+      !fits_int(ldc)) {
+    return false;
+  }
+  if (M == 0 || N == 0) return true;
+  if (K == 0) {
+    scale_rows(M, N, beta, C, ldc);
+    return true;
+  }
+  const char flag_a = ta == Trans::kYes ? 'T' : 'N';
+  const char flag_b = tb == Trans::kYes ? 'T' : 'N';
+  const int m = static_cast<int>(M), n = static_cast<int>(N), k = static_cast<int>(K);
+  // BLAS insists on leading dims >= the stored row length even when there is a single row.
+  const int ld_a = static_cast<int>(std::max<int64_t>(lda, ta == Trans::kYes ? M : K));
+  const int ld_b = static_cast<int>(std::max<int64_t>(ldb, tb == Trans::kYes ? K : N));
+  const int ld_c = static_cast<int>(std::max<int64_t>(ldc, N));
+  blas(&flag_b, &flag_a, &n, &m, &k, &alpha, B, &ld_b, A, &ld_a, &beta, C, &ld_c);
+  return true;
+}
+
+}  // namespace
+
+void gemm(Trans ta, Trans tb, int64_t M, int64_t N, int64_t K, float alpha, const float* A, int64_t lda,
+          const float* B, int64_t ldb, float beta, float* C, int64_t ldc) {
+  if (!try_blas(sgemm_, ta, tb, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc))
+    native_gemm(ta, tb, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
+}
+
+void gemm(Trans ta, Trans tb, int64_t M, int64_t N, int64_t K, double alpha, const double* A, int64_t lda,
+          const double* B, int64_t ldb, double beta, double* C, int64_t ldc) {
+  if (!try_blas(dgemm_, ta, tb, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc))
+    native_gemm(ta, tb, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
+}
+
+const char* gemm_engine() { return use_blas() ? "blas" : "native"; }
+
+}  // namespace mha_ext::cpu

@@ -1,0 +1,24 @@
+// Small row-major matrix products for attention tiles.
+//
+// The products run on the BLAS that torch itself links (MKL on x86 wheels), found at run time, so tiles
+// get the same GEMM engine as torch's own fused CPU attention; where no BLAS symbol is present (or
+// MHA_EXT_CPU_GEMM=native), a vectorised fallback computes the same products.
+#pragma once
+
+#include <cstdint>
+
+namespace mha_ext::cpu {
+
+enum class Trans { kNo, kYes };
+
+// C (M x N) = alpha * op(A) * op(B) + beta * C, all row-major with leading dims lda/ldb/ldc.
+// op(A) is M x K, op(B) is K x N. Supported: (kNo, kNo), (kNo, kYes), (kYes, kNo).
+void gemm(Trans trans_a, Trans trans_b, int64_t M, int64_t N, int64_t K, float alpha, const float* A,
+          int64_t lda, const float* B, int64_t ldb, float beta, float* C, int64_t ldc);
+void gemm(Trans trans_a, Trans trans_b, int64_t M, int64_t N, int64_t K, double alpha, const double* A,
+          int64_t lda, const double* B, int64_t ldb, double beta, double* C, int64_t ldc);
+
+// "blas" or "native": which engine gemm() uses in this process.
+const char* gemm_engine();
+
+}  // namespace mha_ext::cpu

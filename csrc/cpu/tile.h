@@ -1,0 +1,195 @@
+// Building blocks shared by the CPU kernels: scratch memory, tile loads in the accumulation type,
+// score tiles with their masks applied, and the tiling constants.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <type_traits>
+
+#include "attention/params.h"
+#include "cpu/gemm.h"
+
+namespace mha_ext::cpu {
+
+template <typename T>
+constexpr T kNegInf = -std::numeric_limits<T>::infinity();
+
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// Accumulation type: float for float/bfloat16/float16 inputs, double for double.
+template <typename scalar_t>
+using acc_type = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+
+// Per-thread scratch from torch's CPU allocator: 64-byte aligned, so BLAS takes the same code path on
+// every call and results stay bitwise reproducible.
+template <typename T>
+class Scratch {
+ public:
+  explicit Scratch(int64_t numel)
+      : tensor_(at::empty({std::max<int64_t>(numel, 1)},
+                          at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value))) {}
+  T* data() { return tensor_.data_ptr<T>(); }
+
+ private:
+  at::Tensor tensor_;
+};
+
+// A (rows x cols) block of a row-major matrix in the accumulation type: the source itself when it already
+// has that type, else a converted copy in `scratch`.
+template <typename acc_t>
+struct RowsView {
+  const acc_t* data;
+  int64_t ld;
+};
+
+template <typename scalar_t, typename acc_t>
+RowsView<acc_t> rows_as_acc(const scalar_t* src, int64_t src_ld, int64_t rows, int64_t cols, acc_t* scratch) {
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    return {src, src_ld};
+  } else {
+    for (int64_t r = 0; r < rows; ++r) at::vec::convert(src + r * src_ld, scratch + r * cols, cols);
+    return {scratch, cols};
+  }
+}
+
+// Everything about one (batch, query head) pair that the tile routines need.
+template <typename scalar_t>
+struct HeadView {
+  const AttentionParams& p;
+  const scalar_t* q;
+  const scalar_t* k;
+  const scalar_t* v;
+  const bool* bool_mask;
+  const void* mask_add;
+  const void* bias;
+
+  HeadView(const AttentionParams& params, int64_t n)
+      : p(params),
+        q(params.query.ptr<scalar_t>(params.grid, n)),
+        k(params.key.ptr<scalar_t>(params.grid, n)),
+        v(params.value.ptr<scalar_t>(params.grid, n)),
+        bool_mask(params.has_bool_mask ? params.bool_mask.ptr<bool>(params.grid, n) : nullptr),
+        mask_add(additive_ptr(params.mask_add_type, params.mask_add, params.grid, n)),
+        bias(additive_ptr(params.bias_type, params.bias, params.grid, n)) {}
+
+  // False when causality or the bool mask leaves every (query, key) pair of the tile out.
+  bool tile_has_work(int64_t q0, int64_t rows, int64_t k0, int64_t cols) const {
+    if (p.is_causal && k0 > q0 + rows - 1) return false;
+    if (bool_mask == nullptr) return true;
+    const Operand& m = p.bool_mask;
+    // A mask broadcast along rows or columns needs only one of them read.
+    const int64_t scan_rows = m.row_stride == 0 ? 1 : rows;
+    const int64_t scan_cols = m.col_stride == 0 ? 1 : cols;
+    for (int64_t i = 0; i < scan_rows; ++i) {
+      const bool* row = bool_mask + (q0 + i) * m.row_stride + k0 * m.col_stride;
+      if (m.col_stride == 1) {
+        if (std::find(row, row + scan_cols, true) != row + scan_cols) return true;
+      } else {
+        for (int64_t j = 0; j < scan_cols; ++j)
+          if (row[j * m.col_stride]) return true;
+      }
+    }
+    return false;
+  }
+
+  // scores (rows x cols, leading dim ld) = scale * Q[q0:] K[k0:]^T + additive masks, -inf where masked.
+  template <typename acc_t>
+  void score_tile(int64_t q0, int64_t rows, int64_t k0, int64_t cols, RowsView<acc_t> q_rows,
+                  RowsView<acc_t> k_rows, acc_t* scores, int64_t ld) const {
+    gemm(Trans::kNo, Trans::kYes, rows, cols, p.E, static_cast<acc_t>(p.scale), q_rows.data, q_rows.ld,
+         k_rows.data, k_rows.ld, acc_t(0), scores, ld);
+    for (int64_t i = 0; i < rows; ++i) {
+      acc_t* s = scores + i * ld;
+      const int64_t row = q0 + i;
+      add_additive(p.mask_add_type, mask_add, p.mask_add, row, k0, cols, s);
+      add_additive(p.bias_type, bias, p.bias, row, k0, cols, s);
+      if (bool_mask != nullptr) {
+        const bool* m = bool_mask + row * p.bool_mask.row_stride + k0 * p.bool_mask.col_stride;
+        for (int64_t j = 0; j < cols; ++j)
+          if (!m[j * p.bool_mask.col_stride]) s[j] = kNegInf<acc_t>;
+      }
+      if (p.is_causal) {
+        for (int64_t j = std::max<int64_t>(row + 1 - k0, 0); j < cols; ++j) s[j] = kNegInf<acc_t>;
+      }
+    }
+  }
+
+ private:
+  static const void* additive_ptr(AdditiveType type, const Operand& op, const BatchGrid& grid, int64_t n) {
+    switch (type) {
+      case AdditiveType::kNone:
+        return nullptr;
+      case AdditiveType::kSameAsQuery:
+        return op.ptr<scalar_t>(grid, n);
+      case AdditiveType::kFloat32:
+        return op.ptr<float>(grid, n);
+    }
+    return nullptr;
+  }
+
+  template <typename src_t, typename acc_t>
+  static void add_row(const src_t* src, int64_t col_stride, int64_t cols, acc_t* s) {
+    if (col_stride == 1) {
+      for (int64_t j = 0; j < cols; ++j) s[j] += static_cast<acc_t>(src[j]);
+    } else {
+      for (int64_t j = 0; j < cols; ++j) s[j] += static_cast<acc_t>(src[j * col_stride]);
+    }
+  }
+
+  template <typename acc_t>
+  static void add_additive(AdditiveType type, const void* base, const Operand& op, int64_t row, int64_t k0,
+                           int64_t cols, acc_t* s) {
+    const int64_t offset = row * op.row_stride + k0 * op.col_stride;
+    if (type == AdditiveType::kSameAsQuery) {
+      add_row(static_cast<const scalar_t*>(base) + offset, op.col_stride, cols, s);
+    } else if (type == AdditiveType::kFloat32) {
+      add_row(static_cast<const float*>(base) + offset, op.col_stride, cols, s);
+    }
+  }
+};
+
+// x[j] = exp(x[j] - shift) for j < n; returns the sum. exp(-inf) = 0.
+inline float exp_shifted_sum(float* x, int64_t n, float shift) {
+  using Vec = at::vec::Vectorized<float>;
+  const Vec vshift(shift);
+  Vec vsum(0.f);
+  int64_t j = 0;
+  for (; j + Vec::size() <= n; j += Vec::size()) {
+    Vec e = (Vec::loadu(x + j) - vshift).exp_u20();
+    e.store(x + j);
+    vsum = vsum + e;
+  }
+  float sum = at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return a + b; }, vsum);
+  for (; j < n; ++j) {
+    x[j] = std::exp(x[j] - shift);
+    sum += x[j];
+  }
+  return sum;
+}
+
+inline double exp_shifted_sum(double* x, int64_t n, double shift) {
+  double sum = 0;
+  for (int64_t j = 0; j < n; ++j) {
+    x[j] = std::exp(x[j] - shift);
+    sum += x[j];
+  }
+  return sum;
+}
+
+template <typename acc_t>
+acc_t row_max(const acc_t* x, int64_t n) {
+  return at::vec::reduce_all<acc_t>([](auto& a, auto& b) { return at::vec::maximum(a, b); }, x, n);
+}
+
+// A row whose maximum is -inf has nothing to attend: shifting by 0 keeps exp() at 0 instead of NaN.
+template <typename acc_t>
+acc_t safe_shift(acc_t max_value) {
+  return max_value == kNegInf<acc_t> ? acc_t(0) : max_value;
+}
+
+}  // namespace mha_ext::cpu

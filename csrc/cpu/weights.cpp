@@ -1,0 +1,64 @@
+// Attention probabilities on the CPU, recomputed tile by tile from the saved LSE (for callers that
+// need the weights, e.g. nn.MultiheadAttention's need_weights=True).
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include "attention/entry.h"
+#include "cpu/tile.h"
+
+namespace mha_ext::cpu {
+namespace {
+
+constexpr int64_t kBlockQ = 64;
+constexpr int64_t kBlockK = 128;
+
+template <typename scalar_t>
+void weights_kernel(const AttentionParams& p, scalar_t* weights) {
+  using acc_t = acc_type<scalar_t>;
+  const int64_t L = p.L, S = p.S, E = p.E;
+  const int64_t q_tiles = ceil_div(L, kBlockQ);
+  const acc_t* lse_all = static_cast<const acc_t*>(p.lse);
+  at::parallel_for(0, p.grid.numel * q_tiles, 1, [&](int64_t begin, int64_t end) {
+    Scratch<acc_t> q_buf(kBlockQ * E), k_buf(kBlockK * E), scores(kBlockQ * kBlockK);
+    acc_t* s = scores.data();
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t n = item / q_tiles;
+      const int64_t q0 = (item % q_tiles) * kBlockQ;
+      const int64_t rows = std::min(kBlockQ, L - q0);
+      const HeadView<scalar_t> head(p, n);
+      const auto q_rows = rows_as_acc(head.q + q0 * p.query.row_stride, p.query.row_stride, rows, E, q_buf.data());
+      for (int64_t k0 = 0; k0 < S; k0 += kBlockK) {
+        const int64_t cols = std::min(kBlockK, S - k0);
+        if (!head.tile_has_work(q0, rows, k0, cols)) continue;  // the output is zero-filled
+        const auto k_rows = rows_as_acc(head.k + k0 * p.key.row_stride, p.key.row_stride, cols, E, k_buf.data());
+        head.score_tile(q0, rows, k0, cols, q_rows, k_rows, s, kBlockK);
+        for (int64_t i = 0; i < rows; ++i) {
+          const acc_t lse = lse_all[n * L + q0 + i];
+          if (lse == kNegInf<acc_t>) continue;  // nothing attended: the row stays 0
+          acc_t* s_row = s + i * kBlockK;
+          exp_shifted_sum(s_row, cols, lse);
+          scalar_t* w = weights + (n * L + q0 + i) * S + k0;
+          for (int64_t j = 0; j < cols; ++j) w[j] = static_cast<scalar_t>(s_row[j]);
+        }
+      }
+    }
+  });
+}
+
+void weights_cpu(const AttentionParams& p, at::ScalarType dtype, void* weights) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dtype, "mha_ext_attention_weights_cpu",
+                                  [&] { weights_kernel<scalar_t>(p, static_cast<scalar_t*>(weights)); });
+}
+
+}  // namespace
+
+}  // namespace mha_ext::cpu
+
+TORCH_LIBRARY_IMPL(mha_ext, CPU, m) {
+  m.impl("attention_weights", [](const at::Tensor& q, const at::Tensor& k, const std::optional<at::Tensor>& mask,
+                                 const std::optional<at::Tensor>& bias, const at::Tensor& lse, bool is_causal,
+                                 double scale) {
+    return mha_ext::attention_weights(q, k, mask, bias, lse, is_causal, scale, mha_ext::cpu::weights_cpu);
+  });
+}

@@ -1,0 +1,21 @@
+// The op schemas: the contract every backend implements (CPU here, CUDA in csrc/cuda) and that the
+// Python layer (mha_ext/ops.py) gives autograd and fake kernels.
+#include <torch/library.h>
+
+TORCH_LIBRARY(mha_ext, m) {
+  // Returns (output (..., Hq, L, Ev), lse (..., Hq, L)). attn_mask: bool (True = attend) or floating
+  // (added); attn_bias: floating (added). Both broadcast to (..., Hq, L, S).
+  m.def(
+      "attention_forward(Tensor query, Tensor key, Tensor value, Tensor? attn_mask, Tensor? attn_bias, "
+      "bool is_causal, float scale) -> (Tensor, Tensor)");
+  // Returns (grad_query, grad_key, grad_value, grad_attn_mask, grad_attn_bias); the last two are
+  // empty unless requested. grad_lse (optional) is the gradient reaching the returned LSE.
+  m.def(
+      "attention_backward(Tensor grad_output, Tensor query, Tensor key, Tensor value, Tensor? attn_mask, "
+      "Tensor? attn_bias, Tensor output, Tensor lse, Tensor? grad_lse, bool is_causal, float scale, bool mask_requires_grad, "
+      "bool bias_requires_grad) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // Attention probabilities (..., Hq, L, S) from the LSE that attention_forward returned.
+  m.def(
+      "attention_weights(Tensor query, Tensor key, Tensor? attn_mask, Tensor? attn_bias, Tensor lse, "
+      "bool is_causal, float scale) -> Tensor");
+}

@@ -1,0 +1,122 @@
+"""The functional API: a drop-in for torch.nn.functional.scaled_dot_product_attention, and the
+attention weights recomputed by the fused kernels.
+
+Mask convention (the same as torch's SDPA): a **bool** ``attn_mask`` is True where a query may attend a
+key; a **floating** ``attn_mask`` or ``attn_bias`` is added to the scaled scores (use -inf to block).
+nn.MultiheadAttention's True = *ignore* masks, BERT/Hugging Face 1/0 int masks and the TensorFlow
+tutorial's 1 = masked float masks convert with the helpers in mha_ext.masks.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+_ops = torch.ops.mha_ext
+
+
+def _require_tensor(name: str, value) -> None:
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"mha_ext: {name} must be a torch.Tensor, got {type(value).__name__}")
+
+
+def _require_optional_tensor(name: str, value) -> None:
+    if value is not None:
+        _require_tensor(name, value)
+
+
+def _check_heads(query: torch.Tensor, key: torch.Tensor, enable_gqa: bool) -> None:
+    if query.dim() >= 3 and key.dim() >= 3 and query.size(-3) != key.size(-3) and not enable_gqa:
+        raise ValueError(
+            f"mha_ext: query has {query.size(-3)} heads (dim -3) but key has {key.size(-3)}; "
+            "pass enable_gqa=True for grouped-query attention")
+
+
+def _check_device(query: torch.Tensor) -> None:
+    if query.device.type == "cuda":
+        from . import build_info
+
+        if not build_info()["cuda"]:
+            raise RuntimeError(
+                "mha_ext: query is a CUDA tensor but this build of mha_ext has no CUDA kernels; "
+                "rebuild with a CUDA torch and toolkit (or MHA_EXT_FORCE_CUDA=1)")
+
+
+def _resolve_scale(query: torch.Tensor, scale) -> float:
+    if scale is None:
+        head_dim = query.size(-1) if query.dim() >= 1 else 0
+        return 1.0 / math.sqrt(head_dim) if head_dim > 0 else 1.0
+    return float(scale)
+
+
+def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
+                                 enable_gqa=False, *, attn_bias=None, return_lse=False):
+    """softmax(query @ key^T * scale + masks) @ value, fused (no L x S matrix in memory).
+
+    Same arguments and results as torch.nn.functional.scaled_dot_product_attention, plus ``attn_bias``
+    and ``return_lse``.
+
+    Args:
+        query: (..., Hq, L, E). Any number of leading batch dims; (L, E) and (B, L, E) work too.
+        key: (..., Hkv, S, E).
+        value: (..., Hkv, S, Ev); Ev may differ from E.
+        attn_mask: bool, **True = takes part in attention** (torch SDPA convention), or floating, added to
+            the scaled scores. Broadcastable to (..., Hq, L, S); broadcast dims are read with stride 0.
+            A floating mask that requires grad gets its gradient (summed to its own shape).
+        dropout_p: must be 0 for now (attention dropout is not implemented yet).
+        is_causal: query row i attends key columns j <= i (top-left aligned, as torch). May be combined
+            with attn_mask and attn_bias.
+        scale: multiplies query @ key^T; default 1/sqrt(E).
+        enable_gqa: allow Hq to be a multiple of Hkv (grouped-query attention); K/V are never repeated.
+        attn_bias: floating tensor added to the scores, broadcast like attn_mask and usable together with
+            a bool attn_mask (e.g. padding + relative-position bias). Gets a gradient when it requires grad.
+        return_lse: also return each row's log-sum-exp, shape (..., Hq, L), float32 (float64 for
+            float64 inputs), -inf for rows with nothing to attend.
+
+    A query row with nothing left to attend to yields 0 (and zero gradients), never NaN.
+    dtypes: float32, float64, bfloat16, float16 (accumulating in float32). A floating mask or bias has the
+    query's dtype or float32. Inputs with a non-unit stride in their last dim are copied; every other
+    stride pattern is read in place.
+    """
+    _require_tensor("query", query)
+    _require_tensor("key", key)
+    _require_tensor("value", value)
+    _require_optional_tensor("attn_mask", attn_mask)
+    _require_optional_tensor("attn_bias", attn_bias)
+    if not 0.0 <= float(dropout_p) <= 1.0:
+        raise ValueError(f"mha_ext: dropout_p must be in [0, 1], got {dropout_p}")
+    if dropout_p > 0.0:
+        raise NotImplementedError(
+            f"mha_ext: attention dropout (dropout_p={dropout_p}) is not implemented yet; pass dropout_p=0.0 "
+            "or use torch.nn.functional.scaled_dot_product_attention for training with dropout")
+    _check_heads(query, key, enable_gqa)
+    _check_device(query)
+    out, lse = _ops.attention_forward(query, key, value, attn_mask, attn_bias, bool(is_causal),
+                                      _resolve_scale(query, scale))
+    return (out, lse) if return_lse else out
+
+
+def attention_weights(query, key, attn_mask=None, is_causal=False, scale=None, enable_gqa=False, *, attn_bias=None,
+                      lse=None):
+    """The attention probabilities softmax(query @ key^T * scale + masks), shape (..., Hq, L, S), in the
+    query's dtype, recomputed tile by tile by the fused kernels from the log-sum-exp.
+
+    Masks follow scaled_dot_product_attention's convention (bool True = attend; floating added). Pass the
+    ``lse`` returned by ``scaled_dot_product_attention(..., return_lse=True)`` to skip recomputing it.
+    Rows with nothing to attend are all 0. Materialises the L x S matrix (that is what it returns) and is
+    not differentiable.
+    """
+    _require_tensor("query", query)
+    _require_tensor("key", key)
+    _require_optional_tensor("attn_mask", attn_mask)
+    _require_optional_tensor("attn_bias", attn_bias)
+    _require_optional_tensor("lse", lse)
+    _check_heads(query, key, enable_gqa)
+    _check_device(query)
+    scale = _resolve_scale(query, scale)
+    if lse is None:
+        # The values do not matter for the LSE: a one-column value keeps that pass cheap.
+        value = key.new_zeros(()).expand(*key.shape[:-1], 1)
+        _, lse = _ops.attention_forward(query, key, value, attn_mask, attn_bias, bool(is_causal), scale)
+    return _ops.attention_weights(query, key, attn_mask, attn_bias, lse, bool(is_causal), scale)

@@ -1,0 +1,69 @@
+"""The Python side of the torch ops: autograd formulas and fake (meta) kernels for
+torch.ops.mha_ext.attention_forward / attention_backward / attention_weights, so the ops work with
+autograd and trace under torch.compile(fullgraph=True) without graph breaks."""
+
+from __future__ import annotations
+
+import torch
+
+_ops = torch.ops.mha_ext
+
+
+def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+@torch.library.register_fake("mha_ext::attention_forward")
+def _attention_forward_fake(query, key, value, attn_mask, attn_bias, is_causal, scale):
+    out = query.new_empty(query.shape[:-1] + (value.shape[-1],))
+    lse = query.new_empty(query.shape[:-1], dtype=_accumulation_dtype(query.dtype))
+    return out, lse
+
+
+@torch.library.register_fake("mha_ext::attention_backward")
+def _attention_backward_fake(grad_output, query, key, value, attn_mask, attn_bias, output, lse, grad_lse,
+                             is_causal, scale, mask_requires_grad, bias_requires_grad):
+    def grad_like(tensor, wanted):
+        return tensor.new_empty(tensor.shape) if wanted else query.new_empty((0,))
+
+    return (query.new_empty(query.shape), key.new_empty(key.shape), value.new_empty(value.shape),
+            grad_like(attn_mask, mask_requires_grad), grad_like(attn_bias, bias_requires_grad))
+
+
+@torch.library.register_fake("mha_ext::attention_weights")
+def _attention_weights_fake(query, key, attn_mask, attn_bias, lse, is_causal, scale):
+    return query.new_empty(query.shape[:-1] + (key.shape[-2],))
+
+
+def _forward_setup_context(ctx, inputs, output):
+    query, key, value, attn_mask, attn_bias, is_causal, scale = inputs
+    out, lse = output
+    ctx.save_for_backward(query, key, value, attn_mask, attn_bias, out, lse)
+    ctx.is_causal = is_causal
+    ctx.scale = scale
+
+
+def _forward_backward(ctx, grad_out, grad_lse):
+    query, key, value, attn_mask, attn_bias, out, lse = ctx.saved_tensors
+    needs = ctx.needs_input_grad
+    mask_requires_grad = bool(needs[3]) and attn_mask is not None and attn_mask.is_floating_point()
+    bias_requires_grad = bool(needs[4]) and attn_bias is not None
+    grad_q, grad_k, grad_v, grad_mask, grad_bias = _ops.attention_backward(
+        grad_out, query, key, value, attn_mask, attn_bias, out, lse, grad_lse, ctx.is_causal, ctx.scale,
+        mask_requires_grad, bias_requires_grad)
+    return (grad_q, grad_k, grad_v, grad_mask if mask_requires_grad else None,
+            grad_bias if bias_requires_grad else None, None, None)
+
+
+torch.library.register_autograd("mha_ext::attention_forward", _forward_backward,
+                                setup_context=_forward_setup_context)
+
+
+def _weights_backward(ctx, grad):
+    raise NotImplementedError(
+        "mha_ext.attention_weights is not differentiable; compute gradients through "
+        "mha_ext.scaled_dot_product_attention instead")
+
+
+torch.library.register_autograd("mha_ext::attention_weights", _weights_backward,
+                                setup_context=lambda ctx, inputs, output: None)
