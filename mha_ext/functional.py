@@ -33,7 +33,12 @@ def _check_heads(query: torch.Tensor, key: torch.Tensor, enable_gqa: bool) -> No
             "pass enable_gqa=True for grouped-query attention")
 
 
-def _check_device(query: torch.Tensor) -> None:
+def _check_devices(query: torch.Tensor, **others) -> None:
+    # Checked here too: with tensors on two devices the dispatcher may pick a kernel before the
+    # op's own check can run (e.g. the fake kernel for a meta tensor).
+    for name, tensor in others.items():
+        if tensor is not None and tensor.device != query.device:
+            raise ValueError(f"mha_ext: {name} must be on the query's device {query.device}, got {tensor.device}")
     if query.device.type == "cuda":
         from . import build_info
 
@@ -91,7 +96,7 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
             f"mha_ext: attention dropout (dropout_p={dropout_p}) is not implemented yet; pass dropout_p=0.0 "
             "or use torch.nn.functional.scaled_dot_product_attention for training with dropout")
     _check_heads(query, key, enable_gqa)
-    _check_device(query)
+    _check_devices(query, key=key, value=value, attn_mask=attn_mask, attn_bias=attn_bias)
     out, lse = _ops.attention_forward(query, key, value, attn_mask, attn_bias, bool(is_causal),
                                       _resolve_scale(query, scale))
     return (out, lse) if return_lse else out
@@ -113,7 +118,7 @@ def attention_weights(query, key, attn_mask=None, is_causal=False, scale=None, e
     _require_optional_tensor("attn_bias", attn_bias)
     _require_optional_tensor("lse", lse)
     _check_heads(query, key, enable_gqa)
-    _check_device(query)
+    _check_devices(query, key=key, attn_mask=attn_mask, attn_bias=attn_bias, lse=lse)
     scale = _resolve_scale(query, scale)
     if lse is None:
         # The values do not matter for the LSE: a one-column value keeps that pass cheap.

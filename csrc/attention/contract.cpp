@@ -9,14 +9,6 @@
 namespace mha_ext {
 namespace {
 
-std::string shape_str(at::IntArrayRef sizes) {
-  std::ostringstream out;
-  out << "(";
-  for (size_t i = 0; i < sizes.size(); ++i) out << (i ? ", " : "") << sizes[i];
-  out << (sizes.size() == 1 ? ",)" : ")");
-  return out.str();
-}
-
 bool is_supported_dtype(at::ScalarType t) {
   return t == at::kFloat || t == at::kDouble || t == at::kBFloat16 || t == at::kHalf;
 }
@@ -53,8 +45,8 @@ class GridBuilder {
     for (int64_t s : sizes_) {
       g.numel *= s;
       if (s == 1) continue;
-      TORCH_CHECK_VALUE(g.ndim < kMaxGridDims, "mha_ext: query has too many non-trivial batch dims (at most ",
-                        kMaxGridDims - 1, " besides heads), got shape ", shape_str(query_sizes));
+      TORCH_CHECK_VALUE(g.ndim < kMaxGridDims, "mha_ext: query has too many batch dims of size > 1 (at most ",
+                        kMaxGridDims - 2, " besides the head dim), got shape ", shape_str(query_sizes));
       g.sizes[g.ndim++] = s;
     }
     g.group = group_;
@@ -92,6 +84,14 @@ class GridBuilder {
 };
 
 }  // namespace
+
+std::string shape_str(at::IntArrayRef sizes) {
+  std::ostringstream out;
+  out << "(";
+  for (size_t i = 0; i < sizes.size(); ++i) out << (i ? ", " : "") << sizes[i];
+  out << (sizes.size() == 1 ? ",)" : ")");
+  return out.str();
+}
 
 PreparedAttention prepare_attention(const at::Tensor& query_in, const at::Tensor& key_in,
                                     const at::Tensor& value_in, const std::optional<at::Tensor>& attn_mask,

@@ -5,11 +5,15 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/Optional.h>
 
+#include <string>
 #include <vector>
 
 #include "attention/params.h"
 
 namespace mha_ext {
+
+// "(2, 3, 5)": how error messages print shapes, the same way Python does.
+std::string shape_str(at::IntArrayRef sizes);
 
 struct PreparedAttention {
   AttentionParams params;

@@ -10,8 +10,8 @@ namespace {
 
 void check_saved(const at::Tensor& t, const char* name, const std::vector<int64_t>& shape, at::ScalarType dtype,
                  const at::Tensor& query) {
-  TORCH_CHECK_VALUE(t.sizes() == at::IntArrayRef(shape), "mha_ext: ", name, " must have shape ", at::IntArrayRef(shape),
-                    ", got ", t.sizes());
+  TORCH_CHECK_VALUE(t.sizes() == at::IntArrayRef(shape), "mha_ext: ", name, " must have shape ", shape_str(shape), ", got ",
+                    shape_str(t.sizes()));
   TORCH_CHECK_TYPE(t.scalar_type() == dtype, "mha_ext: ", name, " must have dtype ", dtype, ", got ", t.scalar_type());
   TORCH_CHECK_VALUE(t.device() == query.device(), "mha_ext: ", name, " must be on the query's device ", query.device(),
                     ", got ", t.device());
@@ -82,10 +82,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention
   g.grad_value = grad_value.data_ptr();
   if (grad_key.numel() > 0 || grad_query.numel() > 0) kernel(g, query.scalar_type());
 
-  const at::Tensor none = at::empty({0}, query.options());
+  // Outputs must not alias each other: each absent gradient gets its own empty tensor.
+  auto none = [&] { return at::empty({0}, query.options()); };
   return {grad_query.to(query.scalar_type()), grad_key, grad_value,
-          mask_requires_grad ? reduce_to(grad_scores, attn_mask, "attn_mask") : none,
-          bias_requires_grad ? reduce_to(grad_scores, attn_bias, "attn_bias") : none};
+          mask_requires_grad ? reduce_to(grad_scores, attn_mask, "attn_mask") : none(),
+          bias_requires_grad ? reduce_to(grad_scores, attn_bias, "attn_bias") : none()};
 }
 
 at::Tensor attention_weights(const at::Tensor& query, const at::Tensor& key,

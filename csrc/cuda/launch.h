@@ -1,0 +1,20 @@
+// Host-side interface of the CUDA kernels: one launcher per op and input dtype, explicitly instantiated in
+// the per-dtype .cu files so that each nvcc job stays small. Plain C++: register.cpp includes it.
+#pragma once
+
+#include "attention/params.h"
+
+namespace mha_ext::cuda {
+
+// Largest E and Ev the kernels take: their tiles keep whole rows of Q, K, V in shared memory.
+constexpr int kMaxHeadDim = 256;
+
+// Each runs on torch's current stream of the current device (register.cpp sets the device).
+template <typename scalar_t>
+void run_forward(const AttentionParams& p);
+template <typename scalar_t>
+void run_backward(const AttentionGradParams& g);
+template <typename scalar_t>
+void run_weights(const AttentionParams& p, void* weights);
+
+}  // namespace mha_ext::cuda

@@ -1,0 +1,69 @@
+// The CUDA registrations of the ops: the device-independent bodies of csrc/attention/entry.cpp with the
+// CUDA kernels, on the query's device and torch's current stream of it.
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include "attention/entry.h"
+#include "cuda/launch.h"
+#include "cuda/static_switch.h"
+
+namespace mha_ext::cuda {
+namespace {
+
+// The kernels hold whole rows of the head dims in shared memory.
+void check_head_dim(const at::Tensor& t, const char* what) {
+  if (t.dim() < 1) return;  // the contract reports the missing dims
+  TORCH_CHECK_VALUE(t.size(-1) <= kMaxHeadDim, "mha_ext: on CUDA, ", what, " (last dim) must be at most ",
+                    kMaxHeadDim, ", got ", t.size(-1));
+}
+
+// The device to run on: the query's when it is a CUDA tensor; otherwise none, and the contract reports
+// the device mismatch naming the argument.
+std::optional<c10::Device> cuda_device_of(const at::Tensor& query) {
+  return query.is_cuda() ? std::optional<c10::Device>(query.device()) : std::nullopt;
+}
+
+void forward_cuda(const AttentionParams& p, at::ScalarType dtype) {
+  MHA_DTYPE_SWITCH(dtype, scalar_t, [&] { run_forward<scalar_t>(p); });
+}
+
+void backward_cuda(const AttentionGradParams& g, at::ScalarType dtype) {
+  MHA_DTYPE_SWITCH(dtype, scalar_t, [&] { run_backward<scalar_t>(g); });
+}
+
+void weights_cuda(const AttentionParams& p, at::ScalarType dtype, void* weights) {
+  MHA_DTYPE_SWITCH(dtype, scalar_t, [&] { run_weights<scalar_t>(p, weights); });
+}
+
+}  // namespace
+}  // namespace mha_ext::cuda
+
+TORCH_LIBRARY_IMPL(mha_ext, CUDA, m) {
+  using namespace mha_ext::cuda;
+  m.impl("attention_forward", [](const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                 const std::optional<at::Tensor>& mask, const std::optional<at::Tensor>& bias,
+                                 bool is_causal, double scale) {
+    check_head_dim(q, "query's head dim E");
+    check_head_dim(v, "value's head dim Ev");
+    const c10::cuda::OptionalCUDAGuard guard(cuda_device_of(q));
+    return mha_ext::attention_forward(q, k, v, mask, bias, is_causal, scale, forward_cuda);
+  });
+  m.impl("attention_backward",
+         [](const at::Tensor& grad_output, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+            const std::optional<at::Tensor>& mask, const std::optional<at::Tensor>& bias, const at::Tensor& output,
+            const at::Tensor& lse, const std::optional<at::Tensor>& grad_lse, bool is_causal, double scale,
+            bool mask_requires_grad, bool bias_requires_grad) {
+           check_head_dim(q, "query's head dim E");
+           check_head_dim(v, "value's head dim Ev");
+           const c10::cuda::OptionalCUDAGuard guard(cuda_device_of(q));
+           return mha_ext::attention_backward(grad_output, q, k, v, mask, bias, output, lse, grad_lse, is_causal,
+                                              scale, mask_requires_grad, bias_requires_grad, backward_cuda);
+         });
+  m.impl("attention_weights", [](const at::Tensor& q, const at::Tensor& k, const std::optional<at::Tensor>& mask,
+                                 const std::optional<at::Tensor>& bias, const at::Tensor& lse, bool is_causal,
+                                 double scale) {
+    check_head_dim(q, "query's head dim E");
+    const c10::cuda::OptionalCUDAGuard guard(cuda_device_of(q));
+    return mha_ext::attention_weights(q, k, mask, bias, lse, is_causal, scale, weights_cuda);
+  });
+}

@@ -1,0 +1,152 @@
+// Device building blocks shared by the CUDA kernels: block-wide tile loads into shared memory, warp
+// reductions, and the per-head view that turns a dot product into a masked score.
+#pragma once
+
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <cstdint>
+#include <limits>
+
+#include "attention/params.h"
+#include "cuda/kernel_traits.cuh"
+
+namespace mha_ext::cuda {
+
+template <typename acc_t>
+__device__ __forceinline__ acc_t neg_inf() {
+  return -std::numeric_limits<acc_t>::infinity();
+}
+
+__device__ __forceinline__ float exp_acc(float x) { return expf(x); }
+__device__ __forceinline__ double exp_acc(double x) { return exp(x); }
+__device__ __forceinline__ float log_acc(float x) { return logf(x); }
+__device__ __forceinline__ double log_acc(double x) { return log(x); }
+
+template <typename T>
+__device__ __forceinline__ T max_acc(T a, T b) {
+  return b > a ? b : a;
+}
+
+// Butterfly reductions: every lane ends with the result, combined in the same order on every run.
+template <typename T>
+__device__ __forceinline__ T warp_max(T value) {
+  for (int offset = kWarpSize / 2; offset > 0; offset /= 2)
+    value = max_acc(value, __shfl_xor_sync(0xffffffffu, value, offset));
+  return value;
+}
+
+template <typename T>
+__device__ __forceinline__ T warp_sum(T value) {
+  for (int offset = kWarpSize / 2; offset > 0; offset /= 2) value += __shfl_xor_sync(0xffffffffu, value, offset);
+  return value;
+}
+
+template <typename acc_t>
+__device__ __forceinline__ acc_t dot(const acc_t* a, const acc_t* b, int n) {
+  acc_t sum = 0;
+  for (int e = 0; e < n; ++e) sum += a[e] * b[e];
+  return sum;
+}
+
+// Block-wide: dst[r * ld + c] = src[r * src_ld + c] for r < rows, c < width, converted to the
+// accumulation type; rows [rows, block_rows) are zeroed so that products over padded rows stay finite.
+template <typename scalar_t, typename acc_t>
+__device__ void load_rows(acc_t* dst, int ld, const scalar_t* src, int64_t src_ld, int rows, int block_rows,
+                          int width) {
+  for (int idx = threadIdx.x; idx < block_rows * width; idx += kThreads) {
+    const int r = idx / width, c = idx % width;
+    dst[r * ld + c] = r < rows ? static_cast<acc_t>(src[r * src_ld + c]) : acc_t(0);
+  }
+}
+
+// Block-wide: dst[r * ld + c] = 0 for r < rows, c < width.
+template <typename acc_t>
+__device__ void zero_rows(acc_t* dst, int ld, int rows, int width) {
+  for (int idx = threadIdx.x; idx < rows * width; idx += kThreads) dst[(idx / width) * ld + idx % width] = acc_t(0);
+}
+
+// Block-wide: dst[i] = src[i] for i < rows, `fill` for i in [rows, block_rows).
+template <typename acc_t>
+__device__ void load_row_values(acc_t* dst, const acc_t* src, int rows, int block_rows, acc_t fill) {
+  for (int i = threadIdx.x; i < block_rows; i += kThreads) dst[i] = i < rows ? src[i] : fill;
+}
+
+// Everything about one (batch, query head) pair that the kernels read from global memory.
+template <typename scalar_t>
+struct HeadView {
+  using acc_t = acc_type<scalar_t>;
+
+  const AttentionParams& p;
+  const scalar_t* q;
+  const scalar_t* k;
+  const scalar_t* v;
+  const bool* bool_mask;
+  const void* mask_add;
+  const void* bias;
+
+  __device__ HeadView(const AttentionParams& params, int64_t n)
+      : p(params),
+        q(params.query.ptr<scalar_t>(params.grid, n)),
+        k(params.key.ptr<scalar_t>(params.grid, n)),
+        v(params.value.ptr<scalar_t>(params.grid, n)),
+        bool_mask(params.has_bool_mask ? params.bool_mask.ptr<bool>(params.grid, n) : nullptr),
+        mask_add(additive_ptr(params.mask_add_type, params.mask_add, params.grid, n)),
+        bias(additive_ptr(params.bias_type, params.bias, params.grid, n)) {}
+
+  // Block-wide, called by every thread: false when causality or the bool mask leaves every (query, key)
+  // pair of rows [q0, q0 + rows) x keys [k0, k0 + cols) out, so the tile can be skipped.
+  __device__ bool tile_has_work(int64_t q0, int rows, int64_t k0, int cols) const {
+    if (p.is_causal && k0 > q0 + rows - 1) return false;
+    if (bool_mask == nullptr) return true;
+    const Operand& m = p.bool_mask;
+    // A mask broadcast along rows or columns needs only one of them read.
+    const int scan_rows = m.row_stride == 0 ? 1 : rows;
+    const int scan_cols = m.col_stride == 0 ? 1 : cols;
+    bool found = false;
+    for (int idx = threadIdx.x; idx < scan_rows * scan_cols && !found; idx += kThreads) {
+      const int i = idx / scan_cols, j = idx % scan_cols;
+      found = bool_mask[(q0 + i) * m.row_stride + (k0 + j) * m.col_stride];
+    }
+    return __syncthreads_or(found) != 0;
+  }
+
+  // The score of query row i and key row j (both in bounds) given dot = q_i . k_j: scale * dot plus the
+  // additive masks, or -inf where the bool mask or causality leaves the pair out.
+  __device__ acc_t score(int64_t i, int64_t j, acc_t dot_qk) const {
+    if (bool_mask != nullptr && !bool_mask[i * p.bool_mask.row_stride + j * p.bool_mask.col_stride])
+      return neg_inf<acc_t>();
+    if (p.is_causal && j > i) return neg_inf<acc_t>();
+    acc_t s = static_cast<acc_t>(p.scale) * dot_qk;
+    s += additive(p.mask_add_type, mask_add, p.mask_add, i, j);
+    s += additive(p.bias_type, bias, p.bias, i, j);
+    return s;
+  }
+
+ private:
+  __device__ static const void* additive_ptr(AdditiveType type, const Operand& op, const BatchGrid& grid,
+                                             int64_t n) {
+    switch (type) {
+      case AdditiveType::kSameAsQuery:
+        return op.ptr<scalar_t>(grid, n);
+      case AdditiveType::kFloat32:
+        return op.ptr<float>(grid, n);
+      default:
+        return nullptr;
+    }
+  }
+
+  __device__ static acc_t additive(AdditiveType type, const void* base, const Operand& op, int64_t i, int64_t j) {
+    const int64_t offset = i * op.row_stride + j * op.col_stride;
+    switch (type) {
+      case AdditiveType::kSameAsQuery:
+        return static_cast<acc_t>(static_cast<const scalar_t*>(base)[offset]);
+      case AdditiveType::kFloat32:
+        return static_cast<acc_t>(static_cast<const float*>(base)[offset]);
+      default:
+        return acc_t(0);
+    }
+  }
+};
+
+}  // namespace mha_ext::cuda

@@ -1,0 +1,66 @@
+// Attention probabilities, recomputed tile by tile from the saved LSE (for callers that need the weights,
+// e.g. nn.MultiheadAttention's need_weights=True). Mirrors csrc/cpu/weights.cpp: the output arrives
+// zero-filled, and skipped tiles and rows that attended nothing stay 0.
+#pragma once
+
+#include <algorithm>
+
+#include "cuda/kernel_traits.cuh"
+#include "cuda/launch_kernel.cuh"
+#include "cuda/static_switch.h"
+#include "cuda/tile.cuh"
+
+namespace mha_ext::cuda {
+
+template <typename scalar_t, typename Traits>
+__global__ void __launch_bounds__(kThreads) weights_kernel(const __grid_constant__ AttentionParams p, scalar_t* weights) {
+  using acc_t = typename Traits::acc_t;
+  constexpr int kBlockQ = Traits::kBlockQ, kBlockK = Traits::kBlockK;
+  const int E = static_cast<int>(p.E);
+  const int ld_qk = padded(E);
+  const auto layout = Traits::layout(E, static_cast<int>(p.Ev));
+  extern __shared__ __align__(16) unsigned char smem_bytes[];
+  acc_t* smem = reinterpret_cast<acc_t*>(smem_bytes);
+  acc_t* q_tile = smem + layout.q;
+  acc_t* k_tile = smem + layout.k;
+  acc_t* lse = smem + layout.lse;
+  const acc_t* lse_all = static_cast<const acc_t*>(p.lse);
+
+  const int64_t q_tiles = ceil_div(p.L, kBlockQ);
+  for (int64_t item = blockIdx.x; item < p.grid.numel * q_tiles; item += gridDim.x) {
+    const int64_t n = item / q_tiles;
+    const int64_t q0 = (item % q_tiles) * kBlockQ;
+    const int rows = static_cast<int>(std::min<int64_t>(kBlockQ, p.L - q0));
+    const HeadView<scalar_t> head(p, n);
+    __syncthreads();  // the previous item is done with shared memory
+    load_rows(q_tile, ld_qk, head.q + q0 * p.query.row_stride, p.query.row_stride, rows, kBlockQ, E);
+    load_row_values(lse, lse_all + n * p.L + q0, rows, kBlockQ, neg_inf<acc_t>());
+
+    const int64_t k_end = p.is_causal ? std::min<int64_t>(p.S, q0 + rows) : p.S;
+    for (int64_t k0 = 0; k0 < k_end; k0 += kBlockK) {
+      const int cols = static_cast<int>(std::min<int64_t>(kBlockK, k_end - k0));
+      if (!head.tile_has_work(q0, rows, k0, cols)) continue;
+      load_rows(k_tile, ld_qk, head.k + k0 * p.key.row_stride, p.key.row_stride, cols, kBlockK, E);
+      __syncthreads();
+      for (int idx = threadIdx.x; idx < rows * cols; idx += kThreads) {
+        const int i = idx / cols, j = idx % cols;
+        if (lse[i] == neg_inf<acc_t>()) continue;  // nothing attended: the row stays 0
+        const acc_t s = head.score(q0 + i, k0 + j, dot(q_tile + i * ld_qk, k_tile + j * ld_qk, E));
+        weights[(n * p.L + q0 + i) * p.S + k0 + j] = static_cast<scalar_t>(exp_acc(s - lse[i]));
+      }
+      __syncthreads();  // before the next tile overwrites K
+    }
+  }
+}
+
+template <typename scalar_t>
+void run_weights(const AttentionParams& p, void* weights) {
+  const int E = static_cast<int>(p.E);
+  MHA_HEADDIM_SWITCH(E, kHeadDim, [&] {
+    using Traits = TileTraits<scalar_t, kHeadDim, WeightsSmem>;
+    launch_kernel(weights_kernel<scalar_t, Traits>, p.grid.numel * ceil_div(p.L, Traits::kBlockQ),
+                  Traits::smem_bytes(E, static_cast<int>(p.Ev)), p, static_cast<scalar_t*>(weights));
+  });
+}
+
+}  // namespace mha_ext::cuda

@@ -1,0 +1,60 @@
+"""Shared test helpers: the fp64 reference attention, per-dtype tolerances, and the device list."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import mha_ext
+
+# (atol, rtol) of mha_ext's output against the fp64 reference, per input dtype.
+TOLERANCES = {
+    torch.float64: (1e-10, 1e-10),
+    torch.float32: (2e-5, 2e-5),
+    torch.bfloat16: (3e-2, 3e-2),
+    torch.float16: (4e-3, 4e-3),
+}
+
+
+def cuda_ready() -> bool:
+    return torch.cuda.is_available() and mha_ext.build_info()["cuda"]
+
+
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not cuda_ready(), reason="no CUDA device or build"))]
+
+
+def reference_attention(query, key, value, attn_mask=None, attn_bias=None, is_causal=False, scale=None,
+                        return_lse=False):
+    """Unfused attention in float64, written from the definition: what mha_ext must compute.
+
+    Bool mask True = attend; floating masks and bias are added; rows with nothing to attend give 0.
+    """
+    q, k, v = query.double(), key.double(), value.double()
+    if q.dim() >= 3 and q.size(-3) != k.size(-3):
+        group = q.size(-3) // k.size(-3)
+        k = k.repeat_interleave(group, dim=-3)
+        v = v.repeat_interleave(group, dim=-3)
+    scale = 1.0 / math.sqrt(q.size(-1)) if scale is None else scale
+    scores = q @ k.transpose(-1, -2) * scale
+    if attn_bias is not None:
+        scores = scores + attn_bias.double()
+    if attn_mask is not None:
+        if attn_mask.dtype == torch.bool:
+            scores = scores.masked_fill(~attn_mask, float("-inf"))
+        else:
+            scores = scores + attn_mask.double()
+    if is_causal:
+        L, S = scores.shape[-2:]
+        allowed = torch.ones(L, S, dtype=torch.bool, device=scores.device).tril()
+        scores = scores.masked_fill(~allowed, float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1)
+    probs = torch.exp(scores - lse.unsqueeze(-1)).nan_to_num(0.0)  # empty rows: lse = -inf -> 0
+    out = probs @ v
+    return (out, lse) if return_lse else out
+
+
+def assert_close_to_reference(actual, expected, dtype, scale=1.0):
+    atol, rtol = TOLERANCES[dtype]
+    torch.testing.assert_close(actual.double().cpu(), expected.double().cpu(), atol=atol * scale, rtol=rtol * scale)
