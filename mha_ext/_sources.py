@@ -68,6 +68,6 @@ def include_dirs() -> list[str]:
 
 
 if __name__ == "__main__" and sys.argv[1:] == ["--cmake"]:
-    # Semicolon lists for CMakeLists.txt: sources, then C++ flags.
-    print(";".join(library_sources()))
-    print(";".join(cxx_flags()))
+    # Comma-separated lists for CMakeLists.txt: sources on the first line, C++ flags on the second.
+    print(",".join(library_sources()))
+    print(",".join(cxx_flags()))
