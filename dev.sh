@@ -4,7 +4,7 @@
 #   ./dev.sh test    the test suite                          (the Quickstart's second command; CI runs it)
 #   ./dev.sh bench   the benchmark (python -m mha_ext.benchmark; extra arguments are passed on)
 # Setup: a virtual environment in .venv with torch (TORCH_SPEC, default torch==2.13.0, a CPU build), the
-# build and test tools, and mha_ext installed editable with --no-build-isolation (so it compiles against
+# build tools and requirements-test.txt, and mha_ext installed editable with --no-build-isolation (so it compiles against
 # that torch). Re-running reuses the environment and rebuilds only what changed.
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -17,9 +17,9 @@ setup() {
     python3 -m venv "$VENV"
   fi
   local py="$VENV/bin/python"
-  "$py" -m pip install -q --upgrade pip
-  "$py" -m pip install -q "$TORCH_SPEC" setuptools wheel ninja pytest numpy
-  if [ -f requirements-test.txt ]; then "$py" -m pip install -q -r requirements-test.txt; fi
+  # torch first and on its own, so nothing else can pull in a different torch.
+  "$py" -m pip install -q "$TORCH_SPEC" setuptools wheel ninja
+  "$py" -m pip install -q -r requirements-test.txt "$TORCH_SPEC"
   MAX_JOBS=${MAX_JOBS:-2} "$py" -m pip install -q --no-build-isolation -e .
 }
 

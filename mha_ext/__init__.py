@@ -12,6 +12,7 @@ _C = _loader.load()
 
 from . import ops  # noqa: E402  (registers autograd and fake kernels for the ops loaded above)
 from .functional import attention_weights, scaled_dot_product_attention  # noqa: E402
+from . import masks, nn  # noqa: E402  (integrations stay opt-in: transformers is an optional dependency)
 
 __version__ = "0.1.0"
 
@@ -21,4 +22,4 @@ def build_info() -> dict:
     return dict(_C.build_info())
 
 
-__all__ = ["scaled_dot_product_attention", "attention_weights", "build_info", "ops", "__version__"]
+__all__ = ["scaled_dot_product_attention", "attention_weights", "build_info", "masks", "nn", "ops", "__version__"]

@@ -1,0 +1,287 @@
+"""``mha_ext.nn.MultiheadAttention``: ``torch.nn.MultiheadAttention`` running on mha_ext's fused op."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+import mha_ext
+from mha_ext import masks
+
+__all__ = ["MultiheadAttention"]
+
+
+def _keep_torch_fast_paths_off(module, args):
+    """Forward pre-hook that does nothing.
+
+    ``nn.TransformerEncoderLayer`` skips ``self_attn.forward`` for its fused
+    ``torch._transformer_encoder_layer_fwd`` unless some submodule has a hook, so this hook's
+    presence is what keeps mha_ext's kernels on that path.
+    """
+    return None
+
+
+class MultiheadAttention(torch.nn.MultiheadAttention):
+    """Drop-in replacement for :class:`torch.nn.MultiheadAttention` computed by mha_ext's fused kernels.
+
+    The constructor, parameters (``in_proj_weight``, ``in_proj_bias``, ``q_proj_weight`` /
+    ``k_proj_weight`` / ``v_proj_weight`` when ``kdim`` or ``vdim`` differ from ``embed_dim``,
+    ``bias_k``, ``bias_v``, ``out_proj``), initialisation and ``forward`` signature are those of
+    ``torch.nn.MultiheadAttention``, so state dicts load both ways with ``strict=True`` and
+    ``isinstance(m, torch.nn.MultiheadAttention)`` holds.
+
+    Masks follow **nn.MultiheadAttention's conventions**, not the op's:
+
+    * ``key_padding_mask`` ``(N, S)`` (``(S,)`` unbatched): bool ``True`` = ignore that key; float = added.
+    * ``attn_mask`` ``(L, S)`` or ``(N * num_heads, L, S)``: bool ``True`` = not allowed to attend;
+      float = added to the scores.
+    * ``is_causal=True`` is a hint that ``attn_mask`` is the causal mask (``attn_mask`` is required),
+      used exactly when torch uses it: no ``key_padding_mask`` and ``need_weights=False``.
+
+    They reach the op as broadcast views (``(N, 1, 1, S)``, ``(L, S)``, ``(N, H, L, S)``), never
+    expanded. Differences from torch: a query with every key masked gets zeros (output and
+    weights) instead of NaN; the returned attention weights come from the fused kernels (the
+    softmax recomputed from the log-sum-exp), before dropout, and cannot be back-propagated through;
+    nested tensors are not supported.
+    """
+
+    def __init__(
+        self,
+        embed_dim,
+        num_heads,
+        dropout=0.0,
+        bias=True,
+        add_bias_kv=False,
+        add_zero_attn=False,
+        kdim=None,
+        vdim=None,
+        batch_first=False,
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__(
+            embed_dim,
+            num_heads,
+            dropout=dropout,
+            bias=bias,
+            add_bias_kv=add_bias_kv,
+            add_zero_attn=add_zero_attn,
+            kdim=kdim,
+            vdim=vdim,
+            batch_first=batch_first,
+            device=device,
+            dtype=dtype,
+        )
+        self._disable_torch_fast_paths()
+
+    def _disable_torch_fast_paths(self) -> None:
+        """Make torch's fused encoder-layer path refuse this module (see ``_keep_torch_fast_paths_off``)."""
+        if _keep_torch_fast_paths_off not in self._forward_pre_hooks.values():
+            self.register_forward_pre_hook(_keep_torch_fast_paths_off)
+
+    def forward(
+        self,
+        query: Tensor,
+        key: Tensor,
+        value: Tensor,
+        key_padding_mask: Tensor | None = None,
+        need_weights: bool = True,
+        attn_mask: Tensor | None = None,
+        average_attn_weights: bool = True,
+        is_causal: bool = False,
+    ) -> tuple[Tensor, Tensor | None]:
+        """Same arguments and results as :meth:`torch.nn.MultiheadAttention.forward`.
+
+        Mask conventions (nn.MultiheadAttention's): ``key_padding_mask`` ``(N, S)``, bool ``True`` =
+        ignore the key, float = added; ``attn_mask`` ``(L, S)`` or ``(N * num_heads, L, S)``, bool
+        ``True`` = not allowed, float = added. Returns ``(attn_output, attn_weights)``; the weights
+        are ``(N, L, S)`` averaged or ``(N, num_heads, L, S)`` per head, ``None`` when
+        ``need_weights=False``.
+        """
+        is_batched = self._check_inputs(query, key, value, key_padding_mask, attn_mask)
+        if is_causal and attn_mask is None:
+            raise RuntimeError(
+                "is_causal=True needs attn_mask (the causal mask it hints at), like torch.nn.MultiheadAttention; "
+                "use torch.nn.Transformer.generate_square_subsequent_mask to build it"
+            )
+        # Decided before the inputs are reshaped, which creates new tensor objects.
+        self_attention = query is key and key is value
+        key_is_value = key is value
+        batch_first = self.batch_first or not is_batched
+        if not is_batched:
+            query, key, value = query.unsqueeze(0), key.unsqueeze(0), value.unsqueeze(0)
+            if key_padding_mask is not None:
+                key_padding_mask = key_padding_mask.unsqueeze(0)
+
+        q, k, v = self._project(query, key, value, self_attention, key_is_value, batch_first)
+        batch = q.shape[0]
+        heads, head_dim = self.num_heads, self.head_dim
+
+        extra_keys = 0
+        if self.bias_k is not None:  # bias_v comes with it (add_bias_kv)
+            k = torch.cat([k, self.bias_k.view(1, heads, 1, head_dim).expand(batch, -1, -1, -1)], dim=2)
+            v = torch.cat([v, self.bias_v.view(1, heads, 1, head_dim).expand(batch, -1, -1, -1)], dim=2)
+            extra_keys += 1
+        if self.add_zero_attn:
+            k = torch.cat([k, k.new_zeros(batch, heads, 1, head_dim)], dim=2)
+            v = torch.cat([v, v.new_zeros(batch, heads, 1, head_dim)], dim=2)
+            extra_keys += 1
+
+        # torch.nn.MultiheadAttention trusts the is_causal hint only in this case and uses
+        # attn_mask otherwise; doing the same gives the same result even for a wrong hint.
+        use_causal = is_causal and key_padding_mask is None and not need_weights
+        op_mask, op_bias = self._op_masks(
+            None if use_causal else attn_mask, key_padding_mask, extra_keys, q.dtype
+        )
+
+        dropout_p = self.dropout if self.training else 0.0
+        try:
+            result = mha_ext.scaled_dot_product_attention(
+                q,
+                k,
+                v,
+                attn_mask=op_mask,
+                dropout_p=dropout_p,
+                is_causal=use_causal,
+                attn_bias=op_bias,
+                return_lse=need_weights,
+            )
+        except NotImplementedError as error:
+            if dropout_p > 0:
+                raise NotImplementedError(
+                    f"MultiheadAttention(dropout={self.dropout}) in training mode needs attention dropout, "
+                    f"which mha_ext.scaled_dot_product_attention does not support here ({error}); "
+                    "call .eval() or construct the layer with dropout=0.0"
+                ) from error
+            raise
+        out, lse = result if need_weights else (result, None)
+
+        # (N, H, L, D) -> (N, L, E) or (L, N, E), then the output projection.
+        out = out.permute(0, 2, 1, 3) if batch_first else out.permute(2, 0, 1, 3)
+        out = F.linear(out.flatten(-2), self.out_proj.weight, self.out_proj.bias)
+
+        weights = None
+        if need_weights:
+            weights = mha_ext.attention_weights(q, k, attn_mask=op_mask, attn_bias=op_bias, lse=lse)
+            if average_attn_weights:
+                weights = weights.mean(dim=1)
+        if not is_batched:
+            out = out.squeeze(0)
+            weights = None if weights is None else weights.squeeze(0)
+        return out, weights
+
+    def _project(self, query, key, value, self_attention, key_is_value, batch_first):
+        """Input projections, returned as per-head views ``(N, H, L, D)`` of the projected tensors.
+
+        Self-attention runs one fused ``(3E, E)`` projection and ``key is value`` one ``(2E, E)``
+        projection for both; the op then reads q, k, v through strides, without copies.
+        """
+        E = self.embed_dim
+        bias = self.in_proj_bias
+        if self._qkv_same_embed_dim:
+            weight = self.in_proj_weight
+            if self_attention:
+                return self._split_heads(query, weight, bias, 3, batch_first)
+            if key_is_value:
+                (q,) = self._split_heads(query, weight[:E], None if bias is None else bias[:E], 1, batch_first)
+                k, v = self._split_heads(key, weight[E:], None if bias is None else bias[E:], 2, batch_first)
+                return q, k, v
+            weights = weight.chunk(3)
+        else:
+            weights = (self.q_proj_weight, self.k_proj_weight, self.v_proj_weight)
+        biases = (None, None, None) if bias is None else bias.chunk(3)
+        return tuple(
+            self._split_heads(x, w, b, 1, batch_first)[0]
+            for x, w, b in zip((query, key, value), weights, biases)
+        )
+
+    def _split_heads(self, x, weight, bias, count, batch_first):
+        projected = F.linear(x, weight, bias).unflatten(-1, (count, self.num_heads, self.head_dim))
+        # (N, L, count, H, D) or (L, N, count, H, D) -> count x (N, H, L, D)
+        order = (2, 0, 3, 1, 4) if batch_first else (2, 1, 3, 0, 4)
+        return projected.permute(order).unbind(0)
+
+    def _op_masks(self, attn_mask, key_padding_mask, extra_keys, dtype):
+        """nn.MultiheadAttention's masks -> the op's ``(attn_mask, attn_bias)``.
+
+        The op takes one bool-or-float ``attn_mask`` plus a float ``attn_bias``, which together
+        hold any pair of torch's masks without merging them into an ``(N, H, L, S)`` tensor.
+        Keys appended by ``add_bias_kv`` / ``add_zero_attn`` are always attended, as in torch.
+        """
+        def prepared(mask):
+            if mask is None:
+                return None
+            if mask.is_floating_point():
+                mask = mask.to(dtype)
+            if extra_keys:
+                mask = F.pad(mask, (0, extra_keys), value=0.0 if mask.is_floating_point() else True)
+            return mask
+
+        attn = prepared(None if attn_mask is None else masks.from_torch_attn_mask(attn_mask, self.num_heads))
+        padding = prepared(None if key_padding_mask is None else masks.from_torch_key_padding_mask(key_padding_mask))
+        def is_bool(mask):
+            return mask is not None and not mask.is_floating_point()
+
+        if is_bool(attn) and is_bool(padding):  # one bool mask at most: padding becomes -inf biases
+            padding = masks.to_additive(padding, dtype)
+        return (padding, attn) if is_bool(padding) else (attn, padding)
+
+    def _check_inputs(self, query, key, value, key_padding_mask, attn_mask) -> bool:
+        """Validate shapes like torch does, naming the argument; return is_batched.
+
+        Mask dtypes are checked by the mha_ext.masks converters.
+        """
+        for name, x in (("query", query), ("key", key), ("value", value)):
+            if not isinstance(x, Tensor):
+                raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+            if x.is_nested:
+                raise ValueError(
+                    f"{name} is a nested tensor, which mha_ext.nn.MultiheadAttention does not support; pass a "
+                    "padded tensor with key_padding_mask (inside nn.TransformerEncoder, build it with "
+                    "enable_nested_tensor=False or call mha_ext.nn.replace_attention on the model)"
+                )
+        if query.dim() not in (2, 3):
+            raise ValueError(
+                f"query must be 3-D (batched) or 2-D (unbatched), got shape {tuple(query.shape)}"
+            )
+        is_batched = query.dim() == 3
+        for name, x in (("key", key), ("value", value)):
+            if x.dim() != query.dim():
+                raise ValueError(
+                    f"{name} must be {query.dim()}-D like query, got shape {tuple(x.shape)}"
+                )
+        for name, x, dim in (("query", query, self.embed_dim), ("key", key, self.kdim), ("value", value, self.vdim)):
+            if x.shape[-1] != dim:
+                expected = "embed_dim" if name == "query" else name[0] + "dim"
+                raise ValueError(f"{name} must have {dim} features ({expected}), got shape {tuple(x.shape)}")
+        seq_dim = 1 if self.batch_first and is_batched else 0
+        if key.shape[seq_dim] != value.shape[seq_dim]:
+            raise ValueError(
+                "key and value must have the same sequence length, "
+                f"got shapes {tuple(key.shape)} and {tuple(value.shape)}"
+            )
+        L, S = query.shape[seq_dim], key.shape[seq_dim]
+        batch = None
+        if is_batched:
+            batch_dim = 1 - seq_dim
+            batch = query.shape[batch_dim]
+            for name, x in (("key", key), ("value", value)):
+                if x.shape[batch_dim] != batch:
+                    raise ValueError(
+                        f"{name} must have query's batch size {batch} in dim {batch_dim}, got shape {tuple(x.shape)}"
+                    )
+        if key_padding_mask is not None:
+            expected = (batch, S) if is_batched else (S,)
+            if tuple(key_padding_mask.shape) != expected:
+                raise ValueError(
+                    f"key_padding_mask must have shape {expected} (N, S), got {tuple(key_padding_mask.shape)}"
+                )
+        if attn_mask is not None:
+            expected_3d = ((batch if is_batched else 1) * self.num_heads, L, S)
+            if tuple(attn_mask.shape) not in ((L, S), expected_3d):
+                raise ValueError(
+                    f"attn_mask must have shape {(L, S)} (L, S) or {expected_3d} (N * num_heads, L, S), "
+                    f"got {tuple(attn_mask.shape)}"
+                )
+        return is_batched
