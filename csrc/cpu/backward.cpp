@@ -94,7 +94,7 @@ void backward_kernel(const AttentionGradParams& g) {
           const int64_t q_start = p.is_causal ? (k0 / kBlockQ) * kBlockQ : 0;
           for (int64_t q0 = q_start; q0 < L; q0 += kBlockQ) {
             const int64_t rows = std::min(kBlockQ, L - q0);
-            if (!head.tile_has_work(q0, rows, k0, cols)) continue;
+            if (head.active_columns(q0, rows, k0, cols).empty()) continue;
             const auto q_rows =
                 rows_as_acc(head.q + q0 * p.query.row_stride, p.query.row_stride, rows, E, q_buf.data());
             const auto do_rows =

@@ -11,7 +11,7 @@ namespace mha_ext::cpu {
 namespace {
 
 constexpr int64_t kBlockQ = 64;
-constexpr int64_t kBlockK = 128;
+constexpr int64_t kBlockK = 512;
 
 template <typename scalar_t>
 void forward_kernel(const AttentionParams& p) {
@@ -36,9 +36,10 @@ void forward_kernel(const AttentionParams& p) {
       std::fill(o, o + rows * Ev, acc_t(0));
 
       const int64_t k_end = p.is_causal ? std::min(S, q0 + rows) : S;
-      for (int64_t k0 = 0; k0 < k_end; k0 += kBlockK) {
-        const int64_t cols = std::min(kBlockK, k_end - k0);
-        if (!head.tile_has_work(q0, rows, k0, cols)) continue;
+      for (int64_t tile_k0 = 0; tile_k0 < k_end; tile_k0 += kBlockK) {
+        const ColumnSpan span = head.active_columns(q0, rows, tile_k0, std::min(kBlockK, k_end - tile_k0));
+        if (span.empty()) continue;
+        const int64_t k0 = tile_k0 + span.begin, cols = span.size();
         const auto k_rows = rows_as_acc(head.k + k0 * p.key.row_stride, p.key.row_stride, cols, E, k_buf.data());
         head.score_tile(q0, rows, k0, cols, q_rows, k_rows, s, kBlockK);
         for (int64_t i = 0; i < rows; ++i) {

@@ -57,6 +57,16 @@ RowsView<acc_t> rows_as_acc(const scalar_t* src, int64_t src_ld, int64_t rows, i
   }
 }
 
+// Granularity at which tiles are trimmed to the columns a bool mask leaves anything in.
+constexpr int64_t kSpanChunk = 32;
+
+struct ColumnSpan {
+  int64_t begin;
+  int64_t end;
+  bool empty() const { return begin >= end; }
+  int64_t size() const { return end - begin; }
+};
+
 // Everything about one (batch, query head) pair that the tile routines need.
 template <typename scalar_t>
 struct HeadView {
@@ -77,24 +87,22 @@ struct HeadView {
         mask_add(additive_ptr(params.mask_add_type, params.mask_add, params.grid, n)),
         bias(additive_ptr(params.bias_type, params.bias, params.grid, n)) {}
 
-  // False when causality or the bool mask leaves every (query, key) pair of the tile out.
-  bool tile_has_work(int64_t q0, int64_t rows, int64_t k0, int64_t cols) const {
-    if (p.is_causal && k0 > q0 + rows - 1) return false;
-    if (bool_mask == nullptr) return true;
-    const Operand& m = p.bool_mask;
-    // A mask broadcast along rows or columns needs only one of them read.
-    const int64_t scan_rows = m.row_stride == 0 ? 1 : rows;
-    const int64_t scan_cols = m.col_stride == 0 ? 1 : cols;
-    for (int64_t i = 0; i < scan_rows; ++i) {
-      const bool* row = bool_mask + (q0 + i) * m.row_stride + k0 * m.col_stride;
-      if (m.col_stride == 1) {
-        if (std::find(row, row + scan_cols, true) != row + scan_cols) return true;
-      } else {
-        for (int64_t j = 0; j < scan_cols; ++j)
-          if (row[j * m.col_stride]) return true;
-      }
-    }
-    return false;
+  // The columns [begin, end) of the tile (rows from q0, columns from k0) outside which causality and the
+  // bool mask leave no (query, key) pair, found in chunks of kSpanChunk columns: callers compute only
+  // that span, and skip the tile when it is empty (padding, block-diagonal packing, causal corners).
+  ColumnSpan active_columns(int64_t q0, int64_t rows, int64_t k0, int64_t cols) const {
+    ColumnSpan span{0, cols};
+    if (p.is_causal) span.end = std::clamp<int64_t>(q0 + rows - k0, 0, cols);
+    if (bool_mask == nullptr || span.empty()) return span;
+    int64_t first = span.begin;
+    while (first < span.end && !chunk_has_work(q0, rows, k0 + first, std::min(kSpanChunk, span.end - first)))
+      first += kSpanChunk;
+    if (first >= span.end) return {0, 0};
+    int64_t last = first + ceil_div(span.end - first, kSpanChunk) * kSpanChunk;  // exclusive, chunk aligned
+    while (last - kSpanChunk > first &&
+           !chunk_has_work(q0, rows, k0 + last - kSpanChunk, std::min(kSpanChunk, span.end - (last - kSpanChunk))))
+      last -= kSpanChunk;
+    return {first, std::min(last, span.end)};
   }
 
   // scores (rows x cols, leading dim ld) = scale * Q[q0:] K[k0:]^T + additive masks, -inf where masked.
@@ -120,6 +128,24 @@ struct HeadView {
   }
 
  private:
+  // Whether the bool mask lets any row of the tile attend any of these columns.
+  bool chunk_has_work(int64_t q0, int64_t rows, int64_t k0, int64_t cols) const {
+    const Operand& m = p.bool_mask;
+    // A mask broadcast along rows or columns needs only one of them read.
+    const int64_t scan_rows = m.row_stride == 0 ? 1 : rows;
+    const int64_t scan_cols = m.col_stride == 0 ? 1 : cols;
+    for (int64_t i = 0; i < scan_rows; ++i) {
+      const bool* row = bool_mask + (q0 + i) * m.row_stride + k0 * m.col_stride;
+      if (m.col_stride == 1) {
+        if (std::find(row, row + scan_cols, true) != row + scan_cols) return true;
+      } else {
+        for (int64_t j = 0; j < scan_cols; ++j)
+          if (row[j * m.col_stride]) return true;
+      }
+    }
+    return false;
+  }
+
   static const void* additive_ptr(AdditiveType type, const Operand& op, const BatchGrid& grid, int64_t n) {
     switch (type) {
       case AdditiveType::kNone:
