@@ -60,7 +60,7 @@ def link_flags() -> list[str]:
 
 
 def nvcc_flags() -> list[str]:
-    return ["-O3", "--use_fast_math", "--expt-relaxed-constexpr", "-lineinfo", "-DMHA_EXT_WITH_CUDA"]
+    return ["-O3", "--expt-relaxed-constexpr", "-lineinfo", "-DMHA_EXT_WITH_CUDA"]
 
 
 def include_dirs() -> list[str]:

@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Everything a session with a GPU runs in one go, from the repository root: build with the CUDA kernels
+# for the local GPU, run the whole test suite (CUDA tests included), the compute-sanitizer memcheck, and
+# the CUDA benchmark. Logs and results go to $OUT (default benchmarks/out/gpu).
+#
+# Needs a CUDA build of torch in the active Python and a CUDA toolkit (CUDA_HOME or nvcc on PATH).
+set -uo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+OUT="${OUT:-$ROOT/benchmarks/out/gpu}"
+mkdir -p "$OUT"
+cd "$ROOT"
+status=0
+step() {  # step NAME COMMAND...: runs it, logs to $OUT/NAME.log, remembers a failure, goes on
+  local name="$1"; shift
+  echo "== $name: $*"
+  local start=$SECONDS
+  if "$@" > "$OUT/$name.log" 2>&1; then
+    echo "   ok ($((SECONDS - start)) s)"
+  else
+    echo "   FAILED ($((SECONDS - start)) s), last lines of $OUT/$name.log:"; tail -n 30 "$OUT/$name.log"
+    status=1
+  fi
+}
+
+nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1 || true
+step build env MAX_JOBS="${MAX_JOBS:-$(nproc)}" pip install --no-build-isolation -v -e .
+step build_info python -c 'import mha_ext, torch; i = mha_ext.build_info(); print(i, torch.cuda.get_device_name()); assert i["cuda"] and torch.cuda.is_available()'
+[[ $status -eq 0 ]] || { echo "gpu_run: the CUDA build is not usable; stopping"; exit 1; }
+step tests_cuda python -m pytest tests/test_cuda.py -q -rs
+step memcheck python -m pytest tests/test_cuda.py -q -rs -k compute_sanitizer_memcheck
+step tests_all python -m pytest tests/ -x -q -rs
+step benchmark python -m mha_ext.benchmark --device cuda --out "$OUT/benchmark"
+echo "gpu_run: done, logs in $OUT (exit $status)"
+exit $status
