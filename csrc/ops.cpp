@@ -7,14 +7,18 @@ TORCH_LIBRARY(mha_ext, m) {
   // (added); attn_bias: floating (added). Both broadcast to (..., Hq, L, S).
   m.def(
       "attention_forward(Tensor query, Tensor key, Tensor value, Tensor? attn_mask, Tensor? attn_bias, "
-      "bool is_causal, float scale) -> (Tensor, Tensor)");
+      "bool is_causal, float scale, float dropout_p=0.0, Tensor? rng_state=None) -> (Tensor, Tensor)");
   // Returns (grad_query, grad_key, grad_value, grad_attn_mask, grad_attn_bias); the last two are
   // empty unless requested. grad_lse (optional) is the gradient reaching the returned LSE.
   m.def(
       "attention_backward(Tensor grad_output, Tensor query, Tensor key, Tensor value, Tensor? attn_mask, "
       "Tensor? attn_bias, Tensor output, Tensor lse, Tensor? grad_lse, bool is_causal, float scale, bool mask_requires_grad, "
-      "bool bias_requires_grad) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
-  // Attention probabilities (..., Hq, L, S) from the LSE that attention_forward returned.
+      "bool bias_requires_grad, float dropout_p=0.0, Tensor? rng_state=None) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // Attention dropout keeps a (query, key) pair with probability 1 - dropout_p, scaling it by
+  // 1 / (1 - dropout_p); rng_state = int64 [seed, offset] keys the counter-based RNG. This returns
+  // the decisions, bool (..., Hq, L, S), True = kept.
+  m.def("attention_dropout_mask(Tensor query, Tensor key, float dropout_p, Tensor rng_state) -> Tensor");
+  // Attention probabilities (..., Hq, L, S) from the LSE that attention_forward returned (before dropout).
   m.def(
       "attention_weights(Tensor query, Tensor key, Tensor? attn_mask, Tensor? attn_bias, Tensor lse, "
       "bool is_causal, float scale) -> Tensor");

@@ -11,7 +11,7 @@ from . import _loader
 _C = _loader.load()
 
 from . import ops  # noqa: E402  (registers autograd and fake kernels for the ops loaded above)
-from .functional import attention_weights, scaled_dot_product_attention  # noqa: E402
+from .functional import attention_weights, dropout_mask, scaled_dot_product_attention  # noqa: E402
 from . import masks, nn  # noqa: E402  (integrations stay opt-in: transformers is an optional dependency)
 
 __version__ = "0.1.0"
@@ -22,4 +22,4 @@ def build_info() -> dict:
     return dict(_C.build_info())
 
 
-__all__ = ["scaled_dot_product_attention", "attention_weights", "build_info", "masks", "nn", "ops", "__version__"]
+__all__ = ["scaled_dot_product_attention", "attention_weights", "dropout_mask", "build_info", "masks", "nn", "ops", "__version__"]

@@ -55,8 +55,23 @@ def _resolve_scale(query: torch.Tensor, scale) -> float:
     return float(scale)
 
 
+def _check_dropout_p(dropout_p) -> float:
+    dropout_p = float(dropout_p)
+    if not 0.0 <= dropout_p <= 1.0:
+        raise ValueError(f"mha_ext: dropout_p must be in [0, 1], got {dropout_p}")
+    return dropout_p
+
+
+def _draw_rng_state(device: torch.device, generator) -> torch.Tensor:
+    """A fresh [seed, offset] for one call's dropout, from `generator` or the default generator of
+    `device`: torch.manual_seed makes runs reproducible, and consecutive calls differ."""
+    if generator is not None:
+        device = generator.device
+    return torch.randint(0, 2**62, (2,), dtype=torch.int64, device=device, generator=generator)
+
+
 def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
-                                 enable_gqa=False, *, attn_bias=None, return_lse=False):
+                                 enable_gqa=False, *, attn_bias=None, return_lse=False, generator=None):
     """softmax(query @ key^T * scale + masks) @ value, fused (no L x S matrix in memory).
 
     Same arguments and results as torch.nn.functional.scaled_dot_product_attention, plus ``attn_bias``
@@ -69,7 +84,12 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
         attn_mask: bool, **True = takes part in attention** (torch SDPA convention), or floating, added to
             the scaled scores. Broadcastable to (..., Hq, L, S); broadcast dims are read with stride 0.
             A floating mask that requires grad gets its gradient (summed to its own shape).
-        dropout_p: must be 0 for now (attention dropout is not implemented yet).
+        dropout_p: attention dropout, as torch's: each (query, key) probability is dropped with probability
+            dropout_p and the kept ones are scaled by 1 / (1 - dropout_p), inside the fused kernels. The
+            decisions come from a counter-based RNG (Philox) keyed by a seed and offset drawn from
+            ``generator`` (default: the device's default generator, so ``torch.manual_seed`` makes runs
+            reproducible); they do not depend on tiling, thread count or device. ``mha_ext.dropout_mask``
+            returns the decisions a call would make. Applied whenever dropout_p > 0 (no training flag, as torch).
         is_causal: query row i attends key columns j <= i (top-left aligned, as torch). May be combined
             with attn_mask and attn_bias.
         scale: multiplies query @ key^T; default 1/sqrt(E).
@@ -77,7 +97,8 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
         attn_bias: floating tensor added to the scores, broadcast like attn_mask and usable together with
             a bool attn_mask (e.g. padding + relative-position bias). Gets a gradient when it requires grad.
         return_lse: also return each row's log-sum-exp, shape (..., Hq, L), float32 (float64 for
-            float64 inputs), -inf for rows with nothing to attend.
+            float64 inputs), -inf for rows with nothing to attend (computed before dropout).
+        generator: the torch.Generator dropout draws its seed and offset from.
 
     A query row with nothing left to attend to yields 0 (and zero gradients), never NaN.
     dtypes: float32, float64, bfloat16, float16 (accumulating in float32). A floating mask or bias has the
@@ -89,16 +110,12 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     _require_tensor("value", value)
     _require_optional_tensor("attn_mask", attn_mask)
     _require_optional_tensor("attn_bias", attn_bias)
-    if not 0.0 <= float(dropout_p) <= 1.0:
-        raise ValueError(f"mha_ext: dropout_p must be in [0, 1], got {dropout_p}")
-    if dropout_p > 0.0:
-        raise NotImplementedError(
-            f"mha_ext: attention dropout (dropout_p={dropout_p}) is not implemented yet; pass dropout_p=0.0 "
-            "or use torch.nn.functional.scaled_dot_product_attention for training with dropout")
+    dropout_p = _check_dropout_p(dropout_p)
     _check_heads(query, key, enable_gqa)
     _check_devices(query, key=key, value=value, attn_mask=attn_mask, attn_bias=attn_bias)
+    rng_state = _draw_rng_state(query.device, generator) if dropout_p > 0.0 else None
     out, lse = _ops.attention_forward(query, key, value, attn_mask, attn_bias, bool(is_causal),
-                                      _resolve_scale(query, scale))
+                                      _resolve_scale(query, scale), dropout_p, rng_state)
     return (out, lse) if return_lse else out
 
 
@@ -125,3 +142,20 @@ def attention_weights(query, key, attn_mask=None, is_causal=False, scale=None, e
         value = key.new_zeros(()).expand(*key.shape[:-1], 1)
         _, lse = _ops.attention_forward(query, key, value, attn_mask, attn_bias, bool(is_causal), scale)
     return _ops.attention_weights(query, key, attn_mask, attn_bias, lse, bool(is_causal), scale)
+
+
+def dropout_mask(query, key, dropout_p, *, generator=None, rng_state=None, enable_gqa=False):
+    """The dropout decisions ``scaled_dot_product_attention(query, key, ..., dropout_p=dropout_p,
+    generator=generator)`` makes: bool (..., Hq, L, S), **True = kept** (scaled by 1 / (1 - dropout_p)),
+    False = dropped. Like that call, it draws the seed and offset from ``generator`` (default: the
+    device's default generator), so restoring the generator's state before each of the two calls gives
+    the mask the attention call used. Pass ``rng_state`` (int64 [seed, offset]) to give them directly.
+    """
+    _require_tensor("query", query)
+    _require_tensor("key", key)
+    dropout_p = _check_dropout_p(dropout_p)
+    _check_heads(query, key, enable_gqa)
+    _check_devices(query, key=key)
+    if rng_state is None:
+        rng_state = _draw_rng_state(query.device, generator) if dropout_p > 0.0 else torch.zeros(2, dtype=torch.int64)
+    return _ops.attention_dropout_mask(query, key, dropout_p, rng_state)

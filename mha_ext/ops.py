@@ -1,6 +1,6 @@
 """The Python side of the torch ops: autograd formulas and fake (meta) kernels for
-torch.ops.mha_ext.attention_forward / attention_backward / attention_weights, so the ops work with
-autograd and trace under torch.compile(fullgraph=True) without graph breaks."""
+torch.ops.mha_ext.attention_forward / attention_backward / attention_weights / attention_dropout_mask,
+so the ops work with autograd and trace under torch.compile(fullgraph=True) without graph breaks."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 @torch.library.register_fake("mha_ext::attention_forward")
-def _attention_forward_fake(query, key, value, attn_mask, attn_bias, is_causal, scale):
+def _attention_forward_fake(query, key, value, attn_mask, attn_bias, is_causal, scale, dropout_p=0.0, rng_state=None):
     out = query.new_empty(query.shape[:-1] + (value.shape[-1],))
     lse = query.new_empty(query.shape[:-1], dtype=_accumulation_dtype(query.dtype))
     return out, lse
@@ -22,12 +22,18 @@ def _attention_forward_fake(query, key, value, attn_mask, attn_bias, is_causal, 
 
 @torch.library.register_fake("mha_ext::attention_backward")
 def _attention_backward_fake(grad_output, query, key, value, attn_mask, attn_bias, output, lse, grad_lse,
-                             is_causal, scale, mask_requires_grad, bias_requires_grad):
+                             is_causal, scale, mask_requires_grad, bias_requires_grad, dropout_p=0.0,
+                             rng_state=None):
     def grad_like(tensor, wanted):
         return tensor.new_empty(tensor.shape) if wanted else query.new_empty((0,))
 
     return (query.new_empty(query.shape), key.new_empty(key.shape), value.new_empty(value.shape),
             grad_like(attn_mask, mask_requires_grad), grad_like(attn_bias, bias_requires_grad))
+
+
+@torch.library.register_fake("mha_ext::attention_dropout_mask")
+def _attention_dropout_mask_fake(query, key, dropout_p, rng_state):
+    return query.new_empty(query.shape[:-1] + (key.shape[-2],), dtype=torch.bool)
 
 
 @torch.library.register_fake("mha_ext::attention_weights")
@@ -36,23 +42,25 @@ def _attention_weights_fake(query, key, attn_mask, attn_bias, lse, is_causal, sc
 
 
 def _forward_setup_context(ctx, inputs, output):
-    query, key, value, attn_mask, attn_bias, is_causal, scale = inputs
+    query, key, value, attn_mask, attn_bias, is_causal, scale, dropout_p, rng_state = inputs
     out, lse = output
-    ctx.save_for_backward(query, key, value, attn_mask, attn_bias, out, lse)
+    # rng_state is kept so the backward regenerates the forward's dropout decisions.
+    ctx.save_for_backward(query, key, value, attn_mask, attn_bias, out, lse, rng_state)
     ctx.is_causal = is_causal
     ctx.scale = scale
+    ctx.dropout_p = dropout_p
 
 
 def _forward_backward(ctx, grad_out, grad_lse):
-    query, key, value, attn_mask, attn_bias, out, lse = ctx.saved_tensors
+    query, key, value, attn_mask, attn_bias, out, lse, rng_state = ctx.saved_tensors
     needs = ctx.needs_input_grad
     mask_requires_grad = bool(needs[3]) and attn_mask is not None and attn_mask.is_floating_point()
     bias_requires_grad = bool(needs[4]) and attn_bias is not None
     grad_q, grad_k, grad_v, grad_mask, grad_bias = _ops.attention_backward(
         grad_out, query, key, value, attn_mask, attn_bias, out, lse, grad_lse, ctx.is_causal, ctx.scale,
-        mask_requires_grad, bias_requires_grad)
+        mask_requires_grad, bias_requires_grad, ctx.dropout_p, rng_state)
     return (grad_q, grad_k, grad_v, grad_mask if mask_requires_grad else None,
-            grad_bias if bias_requires_grad else None, None, None)
+            grad_bias if bias_requires_grad else None, None, None, None, None)
 
 
 torch.library.register_autograd("mha_ext::attention_forward", _forward_backward,

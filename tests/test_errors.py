@@ -40,7 +40,6 @@ def qkv(L=5, S=7, E=8, Ev=8, Hq=2, Hkv=2, dtype=torch.float32):
          r"attn_mask of shape \(1, 2, 2, 5, 7\) is not broadcastable .* more dims"),
         (lambda q, k, v: sdpa(q, k, v, attn_bias=torch.ones(3, 5, 7)), ValueError, r"attn_bias of shape \(3, 5, 7\) is not broadcastable"),
         (lambda q, k, v: sdpa(q, k, v, attn_bias=torch.ones(5, 7, dtype=torch.bool)), TypeError, r"attn_bias must be floating"),
-        (lambda q, k, v: sdpa(q, k, v, dropout_p=0.1), NotImplementedError, r"dropout_p=0.1\) is not implemented"),
         (lambda q, k, v: sdpa(q, k, v, dropout_p=1.5), ValueError, r"dropout_p must be in \[0, 1\], got 1.5"),
         (lambda q, k, v: sdpa(q.numpy(), k, v), TypeError, r"query must be a torch.Tensor, got ndarray"),
         (lambda q, k, v: sdpa(q, k, v, attn_mask=[[True]]), TypeError, r"attn_mask must be a torch.Tensor, got list"),

@@ -30,6 +30,18 @@ def test_opcheck_attention_forward(device, dtype):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_opcheck_with_dropout(device):
+    q, k, v, mask, bias = sample_inputs(device, torch.float64)
+    rng_state = torch.tensor([3, 4], dtype=torch.int64)
+    torch.library.opcheck(ops.attention_forward, (q, k, v, mask, bias, True, 0.5, 0.3, rng_state))
+    torch.library.opcheck(ops.attention_dropout_mask, (q, k, 0.3, rng_state))
+    q, k, v, bias = (t.detach() for t in (q, k, v, bias))  # the backward op itself has no autograd formula
+    out, lse = ops.attention_forward(q, k, v, mask, bias, True, 0.5, 0.3, rng_state)
+    torch.library.opcheck(ops.attention_backward, (torch.randn_like(out), q, k, v, mask, bias, out, lse, None, True,
+                                                   0.5, False, True, 0.3, rng_state))
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_opcheck_attention_backward_and_weights(device):
     q, k, v, mask, bias = sample_inputs(device, torch.float64, requires_grad=False)
     out, lse = ops.attention_forward(q, k, v, mask, bias, True, 0.5)

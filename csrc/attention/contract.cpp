@@ -216,6 +216,19 @@ PreparedAttention prepare_attention(const at::Tensor& query_in, const at::Tensor
   return prep;
 }
 
+DropoutRule dropout_rule(double dropout_p, const std::optional<at::Tensor>& rng_state) {
+  TORCH_CHECK_VALUE(dropout_p >= 0.0 && dropout_p <= 1.0, "mha_ext: dropout_p must be in [0, 1], got ", dropout_p);
+  if (dropout_p == 0.0) return DropoutRule{};
+  TORCH_CHECK_VALUE(rng_state.has_value() && rng_state->defined(), "mha_ext: dropout_p = ", dropout_p,
+                    " needs rng_state, an int64 tensor [seed, offset]; got none");
+  TORCH_CHECK_VALUE(rng_state->scalar_type() == at::kLong && rng_state->numel() == 2,
+                    "mha_ext: rng_state must be an int64 tensor of 2 elements [seed, offset], got ",
+                    rng_state->scalar_type(), " of shape ", shape_str(rng_state->sizes()));
+  const at::Tensor state = rng_state->to(at::kCPU).contiguous();  // two numbers, read on the host
+  const int64_t* values = state.data_ptr<int64_t>();
+  return make_dropout_rule(dropout_p, static_cast<uint64_t>(values[0]), static_cast<uint64_t>(values[1]));
+}
+
 Operand query_like_operand(const PreparedAttention& prep, const at::Tensor& tensor, const char* name, int64_t cols,
                            at::Tensor& keep_alive) {
   std::vector<int64_t> expected(prep.lse_shape);

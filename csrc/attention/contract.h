@@ -30,6 +30,9 @@ PreparedAttention prepare_attention(const at::Tensor& query, const at::Tensor& k
                                     const std::optional<at::Tensor>& attn_mask,
                                     const std::optional<at::Tensor>& attn_bias, bool is_causal, double scale);
 
+// Validates dropout_p (in [0, 1]) and rng_state (int64 [seed, offset], required when dropout_p > 0).
+DropoutRule dropout_rule(double dropout_p, const std::optional<at::Tensor>& rng_state);
+
 // Describes a (..., Hq, L, C) tensor laid out like the query (grad_output) on the prepared grid.
 Operand query_like_operand(const PreparedAttention& prepared, const at::Tensor& tensor, const char* name,
                            int64_t cols, at::Tensor& keep_alive);

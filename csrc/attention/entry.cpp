@@ -32,8 +32,10 @@ std::tuple<at::Tensor, at::Tensor> attention_forward(const at::Tensor& query, co
                                                      const at::Tensor& value,
                                                      const std::optional<at::Tensor>& attn_mask,
                                                      const std::optional<at::Tensor>& attn_bias, bool is_causal,
-                                                     double scale, ForwardKernel kernel) {
+                                                     double scale, double dropout_p,
+                                                     const std::optional<at::Tensor>& rng_state, ForwardKernel kernel) {
   PreparedAttention prep = prepare_attention(query, key, value, attn_mask, attn_bias, is_causal, scale);
+  prep.params.dropout = dropout_rule(dropout_p, rng_state);
   at::Tensor out = at::empty(prep.out_shape, query.options());
   at::Tensor lse = at::empty(prep.lse_shape, query.options().dtype(accumulation_dtype(query.scalar_type())));
   prep.params.out = out.data_ptr();
@@ -45,9 +47,11 @@ std::tuple<at::Tensor, at::Tensor> attention_forward(const at::Tensor& query, co
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward(
     const at::Tensor& grad_output, const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
     const std::optional<at::Tensor>& attn_mask, const std::optional<at::Tensor>& attn_bias,
-    const at::Tensor& output, const at::Tensor& lse, const std::optional<at::Tensor>& grad_lse, bool is_causal, double scale, bool mask_requires_grad,
-    bool bias_requires_grad, BackwardKernel kernel) {
+    const at::Tensor& output, const at::Tensor& lse, const std::optional<at::Tensor>& grad_lse, bool is_causal,
+    double scale, bool mask_requires_grad, bool bias_requires_grad, double dropout_p,
+    const std::optional<at::Tensor>& rng_state, BackwardKernel kernel) {
   PreparedAttention prep = prepare_attention(query, key, value, attn_mask, attn_bias, is_causal, scale);
+  prep.params.dropout = dropout_rule(dropout_p, rng_state);
   const at::ScalarType acc = accumulation_dtype(query.scalar_type());
   check_saved(output, "output", prep.out_shape, query.scalar_type(), query);
   check_saved(lse, "lse", prep.lse_shape, acc, query);
@@ -100,6 +104,16 @@ at::Tensor attention_weights(const at::Tensor& query, const at::Tensor& key,
   at::Tensor weights = at::zeros(prep.scores_shape, query.options());
   if (weights.numel() > 0) kernel(prep.params, query.scalar_type(), weights.data_ptr());
   return weights;
+}
+
+at::Tensor attention_dropout_mask(const at::Tensor& query, const at::Tensor& key, double dropout_p,
+                                  const at::Tensor& rng_state, DropoutMaskKernel kernel) {
+  // Only the shapes matter: the key stands in for the values.
+  PreparedAttention prep = prepare_attention(query, key, key, std::nullopt, std::nullopt, false, 1.0);
+  prep.params.dropout = dropout_rule(dropout_p, rng_state);
+  at::Tensor keep = at::ones(prep.scores_shape, query.options().dtype(at::kBool));
+  if (prep.params.dropout.active && keep.numel() > 0) kernel(prep.params, keep.data_ptr<bool>());
+  return keep;
 }
 
 }  // namespace mha_ext

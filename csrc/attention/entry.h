@@ -13,6 +13,7 @@ namespace mha_ext {
 using ForwardKernel = void (*)(const AttentionParams&, at::ScalarType);
 using BackwardKernel = void (*)(const AttentionGradParams&, at::ScalarType);
 using WeightsKernel = void (*)(const AttentionParams&, at::ScalarType, void* weights);
+using DropoutMaskKernel = void (*)(const AttentionParams&, bool* keep);
 
 // Accumulation dtype of the kernels for inputs of `dtype`: float64 for float64, else float32.
 at::ScalarType accumulation_dtype(at::ScalarType dtype);
@@ -22,19 +23,25 @@ std::tuple<at::Tensor, at::Tensor> attention_forward(const at::Tensor& query, co
                                                      const at::Tensor& value,
                                                      const std::optional<at::Tensor>& attn_mask,
                                                      const std::optional<at::Tensor>& attn_bias, bool is_causal,
-                                                     double scale, ForwardKernel kernel);
+                                                     double scale, double dropout_p,
+                                                     const std::optional<at::Tensor>& rng_state, ForwardKernel kernel);
 
 // Returns (grad_query, grad_key, grad_value, grad_attn_mask, grad_attn_bias); the last two are empty
 // tensors unless requested, and otherwise have the shapes of attn_mask and attn_bias.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward(
     const at::Tensor& grad_output, const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
     const std::optional<at::Tensor>& attn_mask, const std::optional<at::Tensor>& attn_bias,
-    const at::Tensor& output, const at::Tensor& lse, const std::optional<at::Tensor>& grad_lse, bool is_causal, double scale, bool mask_requires_grad,
-    bool bias_requires_grad, BackwardKernel kernel);
+    const at::Tensor& output, const at::Tensor& lse, const std::optional<at::Tensor>& grad_lse, bool is_causal,
+    double scale, bool mask_requires_grad, bool bias_requires_grad, double dropout_p,
+    const std::optional<at::Tensor>& rng_state, BackwardKernel kernel);
 
 // Softmax probabilities (..., Hq, L, S) recomputed from the saved LSE; rows with nothing to attend are 0.
 at::Tensor attention_weights(const at::Tensor& query, const at::Tensor& key,
                              const std::optional<at::Tensor>& attn_mask, const std::optional<at::Tensor>& attn_bias,
                              const at::Tensor& lse, bool is_causal, double scale, WeightsKernel kernel);
+
+// The dropout decisions a call with this dropout_p and rng_state makes: bool (..., Hq, L, S), True = kept.
+at::Tensor attention_dropout_mask(const at::Tensor& query, const at::Tensor& key, double dropout_p,
+                                  const at::Tensor& rng_state, DropoutMaskKernel kernel);
 
 }  // namespace mha_ext

@@ -8,11 +8,8 @@
 
 #include <cstdint>
 
-#if defined(__CUDACC__)
-#define MHA_HOST_DEVICE __host__ __device__
-#else
-#define MHA_HOST_DEVICE
-#endif
+#include "attention/host_device.h"
+#include "attention/philox.h"
 
 namespace mha_ext {
 
@@ -63,6 +60,9 @@ struct AttentionParams {
   Operand mask_add;
   AdditiveType bias_type = AdditiveType::kNone;
   Operand bias;
+
+  // Attention dropout, applied to the probabilities after the softmax (inactive when dropout_p == 0).
+  DropoutRule dropout;
 
   void* out = nullptr;   // contiguous (grid, L, Ev), query's dtype
   void* lse = nullptr;   // contiguous (grid, L), accumulation type (float32; float64 for float64 inputs)

@@ -9,6 +9,7 @@
 #include <cstring>
 
 #include "attention/entry.h"
+#include "cpu/dropout.h"
 #include "cpu/tile.h"
 
 namespace mha_ext::cpu {
@@ -113,7 +114,18 @@ void backward_kernel(const AttentionGradParams& g) {
                 exp_shifted_sum(p_row, cols, lse);
               }
               const acc_t d = delta[n * L + q0 + i];
-              for (int64_t j = 0; j < cols; ++j) ds_row[j] = p_row[j] * (ds_row[j] - d);
+              if (p.dropout.active) {
+                // ds_row holds dO V^T, the gradient of the dropped probabilities Z * P / (1 - p):
+                // dS = P * (Z * dP / (1 - p) - delta), and dV takes the dropped probabilities.
+                const acc_t keep_scale = static_cast<acc_t>(p.dropout.keep_scale);
+                for_each_dropout_decision(p.dropout, n, q0 + i, k0, cols, [&](int64_t j, bool kept) {
+                  const acc_t z = kept ? keep_scale : acc_t(0);
+                  ds_row[j] = p_row[j] * (ds_row[j] * z - d);
+                  p_row[j] *= z;
+                });
+              } else {
+                for (int64_t j = 0; j < cols; ++j) ds_row[j] = p_row[j] * (ds_row[j] - d);
+              }
               if (grad_scores != nullptr) {
                 std::memcpy(grad_scores + (n * L + q0 + i) * S + k0, ds_row, sizeof(acc_t) * cols);
               }
@@ -158,8 +170,10 @@ TORCH_LIBRARY_IMPL(mha_ext, CPU, m) {
          [](const at::Tensor& grad_output, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
             const std::optional<at::Tensor>& mask, const std::optional<at::Tensor>& bias, const at::Tensor& output,
             const at::Tensor& lse, const std::optional<at::Tensor>& grad_lse, bool is_causal, double scale,
-            bool mask_requires_grad, bool bias_requires_grad) {
+            bool mask_requires_grad, bool bias_requires_grad, double dropout_p,
+            const std::optional<at::Tensor>& rng_state) {
            return mha_ext::attention_backward(grad_output, q, k, v, mask, bias, output, lse, grad_lse, is_causal, scale,
-                                     mask_requires_grad, bias_requires_grad, mha_ext::cpu::backward_cpu);
+                                              mask_requires_grad, bias_requires_grad, dropout_p, rng_state,
+                                              mha_ext::cpu::backward_cpu);
          });
 }

@@ -5,6 +5,7 @@
 #include <torch/library.h>
 
 #include "attention/entry.h"
+#include "cpu/dropout.h"
 #include "cpu/tile.h"
 
 namespace mha_ext::cpu {
@@ -48,6 +49,8 @@ void forward_kernel(const AttentionParams& p) {
           const acc_t shift = safe_shift(new_max);
           const acc_t rescale = m[i] == kNegInf<acc_t> ? acc_t(0) : std::exp(m[i] - shift);
           const acc_t tile_sum = exp_shifted_sum(s_row, cols, shift);
+          // The normaliser sums the probabilities before dropout; only the values' weights are dropped.
+          if (p.dropout.active) apply_dropout_row(p.dropout, n, q0 + i, k0, cols, s_row);
           if (rescale != acc_t(1)) {
             acc_t* o_row = o + i * Ev;
             for (int64_t e = 0; e < Ev; ++e) o_row[e] *= rescale;
@@ -83,7 +86,9 @@ void forward_cpu(const AttentionParams& p, at::ScalarType dtype) {
 TORCH_LIBRARY_IMPL(mha_ext, CPU, m) {
   m.impl("attention_forward", [](const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                  const std::optional<at::Tensor>& mask, const std::optional<at::Tensor>& bias,
-                                 bool is_causal, double scale) {
-    return mha_ext::attention_forward(q, k, v, mask, bias, is_causal, scale, mha_ext::cpu::forward_cpu);
+                                 bool is_causal, double scale, double dropout_p,
+                                 const std::optional<at::Tensor>& rng_state) {
+    return mha_ext::attention_forward(q, k, v, mask, bias, is_causal, scale, dropout_p, rng_state,
+                                      mha_ext::cpu::forward_cpu);
   });
 }

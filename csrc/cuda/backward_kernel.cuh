@@ -44,19 +44,21 @@ __global__ void __launch_bounds__(kThreads)
 
 template <typename acc_t>
 struct ProbAndGrad {
-  acc_t prob;        // P = exp(score - lse), 0 for a row that attended nothing
-  acc_t grad_score;  // dS = P * (dO . v - delta)
+  acc_t prob;        // Z * P: P = exp(score - lse) (0 for a row that attended nothing) after dropout's factor Z
+  acc_t grad_score;  // dS = P * (Z * dO . v - delta)
 };
 
-// For one in-bounds (query row, key row) pair, from their rows in shared memory.
+// For one in-bounds (query row, key row) pair of batch-head n, from their rows in shared memory.
 template <typename scalar_t, typename acc_t>
-__device__ __forceinline__ ProbAndGrad<acc_t> prob_and_grad(const HeadView<scalar_t>& head, int64_t row, int64_t col,
+__device__ __forceinline__ ProbAndGrad<acc_t> prob_and_grad(const HeadView<scalar_t>& head, int64_t n, int64_t row,
+                                                            int64_t col,
                                                             const acc_t* q_row, const acc_t* k_row, int E,
                                                             const acc_t* grad_out_row, const acc_t* v_row, int Ev,
                                                             acc_t lse, acc_t delta) {
   const acc_t prob =
       lse == neg_inf<acc_t>() ? acc_t(0) : exp_acc(head.score(row, col, dot(q_row, k_row, E)) - lse);
-  return {prob, prob * (dot(grad_out_row, v_row, Ev) - delta)};
+  const acc_t factor = dropout_factor<acc_t>(head.p.dropout, n, row, col);
+  return {prob * factor, prob * (factor * dot(grad_out_row, v_row, Ev) - delta)};
 }
 
 template <typename scalar_t, typename Traits>
@@ -115,7 +117,7 @@ __global__ void __launch_bounds__(kThreads)
           const int i = idx / kBlockK, j = idx % kBlockK;
           ProbAndGrad<acc_t> pg{acc_t(0), acc_t(0)};
           if (i < rows && j < cols) {
-            pg = prob_and_grad(head, q0 + i, k0 + j, q_tile + i * ld_qk, k_tile + j * ld_qk, E,
+            pg = prob_and_grad(head, n, q0 + i, k0 + j, q_tile + i * ld_qk, k_tile + j * ld_qk, E,
                                grad_out_tile + i * ld_v, v_tile + j * ld_v, Ev, lse[i], delta[i]);
           }
           probs[i * ld_s + j] = pg.prob;
@@ -199,7 +201,7 @@ __global__ void __launch_bounds__(kThreads)
         const int i = idx / kBlockK, j = idx % kBlockK;
         acc_t ds = 0;
         if (i < rows && j < cols) {
-          ds = prob_and_grad(head, q0 + i, k0 + j, q_tile + i * ld_qk, k_tile + j * ld_qk, E,
+          ds = prob_and_grad(head, n, q0 + i, k0 + j, q_tile + i * ld_qk, k_tile + j * ld_qk, E,
                              grad_out_tile + i * ld_v, v_tile + j * ld_v, Ev, lse[i], delta[i])
                    .grad_score;
           if (grad_scores_all != nullptr) grad_scores_all[(n * p.L + q0 + i) * p.S + k0 + j] = ds;

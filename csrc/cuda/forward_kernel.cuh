@@ -77,8 +77,8 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(const __grid_constant
         acc_t tile_sum = 0;
         for (int j = lane; j < kBlockK; j += kWarpSize) {
           const acc_t e = exp_acc(s_row[j] - shift);
-          s_row[j] = e;
-          tile_sum += e;
+          tile_sum += e;  // the normaliser sums the probabilities before dropout
+          s_row[j] = e * dropout_factor<acc_t>(p.dropout, n, q0 + i, k0 + j);
         }
         tile_sum = warp_sum(tile_sum);
         __syncwarp();  // every lane has read row_max[i] before lane 0 overwrites it

@@ -16,5 +16,6 @@ template <typename scalar_t>
 void run_backward(const AttentionGradParams& g);
 template <typename scalar_t>
 void run_weights(const AttentionParams& p, void* weights);
+void run_dropout_mask(const AttentionParams& p, bool* keep);
 
 }  // namespace mha_ext::cuda

@@ -42,22 +42,25 @@ TORCH_LIBRARY_IMPL(mha_ext, CUDA, m) {
   using namespace mha_ext::cuda;
   m.impl("attention_forward", [](const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                  const std::optional<at::Tensor>& mask, const std::optional<at::Tensor>& bias,
-                                 bool is_causal, double scale) {
+                                 bool is_causal, double scale, double dropout_p,
+                                 const std::optional<at::Tensor>& rng_state) {
     check_head_dim(q, "query's head dim E");
     check_head_dim(v, "value's head dim Ev");
     const c10::cuda::OptionalCUDAGuard guard(cuda_device_of(q));
-    return mha_ext::attention_forward(q, k, v, mask, bias, is_causal, scale, forward_cuda);
+    return mha_ext::attention_forward(q, k, v, mask, bias, is_causal, scale, dropout_p, rng_state, forward_cuda);
   });
   m.impl("attention_backward",
          [](const at::Tensor& grad_output, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
             const std::optional<at::Tensor>& mask, const std::optional<at::Tensor>& bias, const at::Tensor& output,
             const at::Tensor& lse, const std::optional<at::Tensor>& grad_lse, bool is_causal, double scale,
-            bool mask_requires_grad, bool bias_requires_grad) {
+            bool mask_requires_grad, bool bias_requires_grad, double dropout_p,
+            const std::optional<at::Tensor>& rng_state) {
            check_head_dim(q, "query's head dim E");
            check_head_dim(v, "value's head dim Ev");
            const c10::cuda::OptionalCUDAGuard guard(cuda_device_of(q));
            return mha_ext::attention_backward(grad_output, q, k, v, mask, bias, output, lse, grad_lse, is_causal,
-                                              scale, mask_requires_grad, bias_requires_grad, backward_cuda);
+                                              scale, mask_requires_grad, bias_requires_grad, dropout_p, rng_state,
+                                              backward_cuda);
          });
   m.impl("attention_weights", [](const at::Tensor& q, const at::Tensor& k, const std::optional<at::Tensor>& mask,
                                  const std::optional<at::Tensor>& bias, const at::Tensor& lse, bool is_causal,
@@ -66,4 +69,9 @@ TORCH_LIBRARY_IMPL(mha_ext, CUDA, m) {
     const c10::cuda::OptionalCUDAGuard guard(cuda_device_of(q));
     return mha_ext::attention_weights(q, k, mask, bias, lse, is_causal, scale, weights_cuda);
   });
+  m.impl("attention_dropout_mask",
+         [](const at::Tensor& q, const at::Tensor& k, double dropout_p, const at::Tensor& rng_state) {
+           const c10::cuda::OptionalCUDAGuard guard(cuda_device_of(q));
+           return mha_ext::attention_dropout_mask(q, k, dropout_p, rng_state, run_dropout_mask);
+         });
 }

@@ -135,26 +135,16 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
             None if use_causal else attn_mask, key_padding_mask, extra_keys, q.dtype
         )
 
-        dropout_p = self.dropout if self.training else 0.0
-        try:
-            result = mha_ext.scaled_dot_product_attention(
-                q,
-                k,
-                v,
-                attn_mask=op_mask,
-                dropout_p=dropout_p,
-                is_causal=use_causal,
-                attn_bias=op_bias,
-                return_lse=need_weights,
-            )
-        except NotImplementedError as error:
-            if dropout_p > 0:
-                raise NotImplementedError(
-                    f"MultiheadAttention(dropout={self.dropout}) in training mode needs attention dropout, "
-                    f"which mha_ext.scaled_dot_product_attention does not support here ({error}); "
-                    "call .eval() or construct the layer with dropout=0.0"
-                ) from error
-            raise
+        result = mha_ext.scaled_dot_product_attention(
+            q,
+            k,
+            v,
+            attn_mask=op_mask,
+            dropout_p=self.dropout if self.training else 0.0,
+            is_causal=use_causal,
+            attn_bias=op_bias,
+            return_lse=need_weights,
+        )
         out, lse = result if need_weights else (result, None)
 
         # (N, H, L, D) -> (N, L, E) or (L, N, E), then the output projection.
