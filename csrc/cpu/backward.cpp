@@ -16,7 +16,7 @@ namespace mha_ext::cpu {
 namespace {
 
 constexpr int64_t kBlockQ = 64;
-constexpr int64_t kBlockK = 64;
+constexpr int64_t kBlockK = 128;
 // Enough work items to keep a many-core machine busy when there are few heads; the split depends only
 // on the shapes, never on the thread count.
 constexpr int64_t kMinWorkItems = 32;
