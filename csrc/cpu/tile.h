@@ -11,6 +11,7 @@
 #include <limits>
 #include <type_traits>
 
+#include "attention/head_pointers.h"
 #include "attention/params.h"
 #include "cpu/gemm.h"
 
@@ -69,23 +70,12 @@ struct ColumnSpan {
 
 // Everything about one (batch, query head) pair that the tile routines need.
 template <typename scalar_t>
-struct HeadView {
-  const AttentionParams& p;
-  const scalar_t* q;
-  const scalar_t* k;
-  const scalar_t* v;
-  const bool* bool_mask;
-  const void* mask_add;
-  const void* bias;
-
-  HeadView(const AttentionParams& params, int64_t n)
-      : p(params),
-        q(params.query.ptr<scalar_t>(params.grid, n)),
-        k(params.key.ptr<scalar_t>(params.grid, n)),
-        v(params.value.ptr<scalar_t>(params.grid, n)),
-        bool_mask(params.has_bool_mask ? params.bool_mask.ptr<bool>(params.grid, n) : nullptr),
-        mask_add(additive_ptr(params.mask_add_type, params.mask_add, params.grid, n)),
-        bias(additive_ptr(params.bias_type, params.bias, params.grid, n)) {}
+struct HeadView : HeadPointers<scalar_t> {
+  using HeadPointers<scalar_t>::HeadPointers;
+  using HeadPointers<scalar_t>::p;
+  using HeadPointers<scalar_t>::bool_mask;
+  using HeadPointers<scalar_t>::mask_add;
+  using HeadPointers<scalar_t>::bias;
 
   // The columns [begin, end) of the tile (rows from q0, columns from k0) outside which causality and the
   // bool mask leave no (query, key) pair, found in chunks of kSpanChunk columns: callers compute only
@@ -144,18 +134,6 @@ struct HeadView {
       }
     }
     return false;
-  }
-
-  static const void* additive_ptr(AdditiveType type, const Operand& op, const BatchGrid& grid, int64_t n) {
-    switch (type) {
-      case AdditiveType::kNone:
-        return nullptr;
-      case AdditiveType::kSameAsQuery:
-        return op.ptr<scalar_t>(grid, n);
-      case AdditiveType::kFloat32:
-        return op.ptr<float>(grid, n);
-    }
-    return nullptr;
   }
 
   template <typename src_t, typename acc_t>

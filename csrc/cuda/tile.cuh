@@ -8,6 +8,7 @@
 #include <cstdint>
 #include <limits>
 
+#include "attention/head_pointers.h"
 #include "attention/params.h"
 #include "cuda/kernel_traits.cuh"
 
@@ -74,25 +75,13 @@ __device__ void load_row_values(acc_t* dst, const acc_t* src, int rows, int bloc
 
 // Everything about one (batch, query head) pair that the kernels read from global memory.
 template <typename scalar_t>
-struct HeadView {
+struct HeadView : HeadPointers<scalar_t> {
   using acc_t = acc_type<scalar_t>;
-
-  const AttentionParams& p;
-  const scalar_t* q;
-  const scalar_t* k;
-  const scalar_t* v;
-  const bool* bool_mask;
-  const void* mask_add;
-  const void* bias;
-
-  __device__ HeadView(const AttentionParams& params, int64_t n)
-      : p(params),
-        q(params.query.ptr<scalar_t>(params.grid, n)),
-        k(params.key.ptr<scalar_t>(params.grid, n)),
-        v(params.value.ptr<scalar_t>(params.grid, n)),
-        bool_mask(params.has_bool_mask ? params.bool_mask.ptr<bool>(params.grid, n) : nullptr),
-        mask_add(additive_ptr(params.mask_add_type, params.mask_add, params.grid, n)),
-        bias(additive_ptr(params.bias_type, params.bias, params.grid, n)) {}
+  using HeadPointers<scalar_t>::HeadPointers;
+  using HeadPointers<scalar_t>::p;
+  using HeadPointers<scalar_t>::bool_mask;
+  using HeadPointers<scalar_t>::mask_add;
+  using HeadPointers<scalar_t>::bias;
 
   // Block-wide, called by every thread: false when causality or the bool mask leaves every (query, key)
   // pair of rows [q0, q0 + rows) x keys [k0, k0 + cols) out, so the tile can be skipped.
@@ -124,18 +113,6 @@ struct HeadView {
   }
 
  private:
-  __device__ static const void* additive_ptr(AdditiveType type, const Operand& op, const BatchGrid& grid,
-                                             int64_t n) {
-    switch (type) {
-      case AdditiveType::kSameAsQuery:
-        return op.ptr<scalar_t>(grid, n);
-      case AdditiveType::kFloat32:
-        return op.ptr<float>(grid, n);
-      default:
-        return nullptr;
-    }
-  }
-
   __device__ static acc_t additive(AdditiveType type, const void* base, const Operand& op, int64_t i, int64_t j) {
     const int64_t offset = i * op.row_stride + j * op.col_stride;
     switch (type) {
