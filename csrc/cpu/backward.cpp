@@ -85,9 +85,8 @@ void backward_kernel(const AttentionGradParams& g) {
         std::fill(dv, dv + cols * Ev, acc_t(0));
         // Every query head of the group reads the same K/V rows.
         const HeadView<scalar_t> kv_head(p, m * G);
-        const auto k_rows = rows_as_acc(kv_head.k + k0 * p.key.row_stride, p.key.row_stride, cols, E, k_buf.data());
-        const auto v_rows =
-            rows_as_acc(kv_head.v + k0 * p.value.row_stride, p.value.row_stride, cols, Ev, v_buf.data());
+        const auto k_rows = kv_head.key_rows(k0, cols, k_buf.data());
+        const auto v_rows = kv_head.value_rows(k0, cols, v_buf.data());
         for (int64_t gi = 0; gi < G; ++gi) {
           const int64_t n = m * G + gi;
           const HeadView<scalar_t> head(p, n);
@@ -96,8 +95,7 @@ void backward_kernel(const AttentionGradParams& g) {
           for (int64_t q0 = q_start; q0 < L; q0 += kBlockQ) {
             const int64_t rows = std::min(kBlockQ, L - q0);
             if (head.active_columns(q0, rows, k0, cols).empty()) continue;
-            const auto q_rows =
-                rows_as_acc(head.q + q0 * p.query.row_stride, p.query.row_stride, rows, E, q_buf.data());
+            const auto q_rows = head.query_rows(q0, rows, q_buf.data());
             const auto do_rows =
                 rows_as_acc(d_out + q0 * g.grad_out.row_stride, g.grad_out.row_stride, rows, Ev, do_buf.data());
             head.score_tile(q0, rows, k0, cols, q_rows, k_rows, probs, kBlockK);

@@ -31,7 +31,7 @@ void forward_kernel(const AttentionParams& p) {
       const int64_t q0 = (item % q_tiles) * kBlockQ;
       const int64_t rows = std::min(kBlockQ, L - q0);
       const HeadView<scalar_t> head(p, n);
-      const auto q_rows = rows_as_acc(head.q + q0 * p.query.row_stride, p.query.row_stride, rows, E, q_buf.data());
+      const auto q_rows = head.query_rows(q0, rows, q_buf.data());
       std::fill(m, m + rows, kNegInf<acc_t>);
       std::fill(l, l + rows, acc_t(0));
       std::fill(o, o + rows * Ev, acc_t(0));
@@ -41,7 +41,7 @@ void forward_kernel(const AttentionParams& p) {
         const ColumnSpan span = head.active_columns(q0, rows, tile_k0, std::min(kBlockK, k_end - tile_k0));
         if (span.empty()) continue;
         const int64_t k0 = tile_k0 + span.begin, cols = span.size();
-        const auto k_rows = rows_as_acc(head.k + k0 * p.key.row_stride, p.key.row_stride, cols, E, k_buf.data());
+        const auto k_rows = head.key_rows(k0, cols, k_buf.data());
         head.score_tile(q0, rows, k0, cols, q_rows, k_rows, s, kBlockK);
         for (int64_t i = 0; i < rows; ++i) {
           acc_t* s_row = s + i * kBlockK;
@@ -58,7 +58,7 @@ void forward_kernel(const AttentionParams& p) {
           l[i] = l[i] * rescale + tile_sum;
           m[i] = new_max;
         }
-        const auto v_rows = rows_as_acc(head.v + k0 * p.value.row_stride, p.value.row_stride, cols, Ev, v_buf.data());
+        const auto v_rows = head.value_rows(k0, cols, v_buf.data());
         gemm(Trans::kNo, Trans::kNo, rows, Ev, cols, acc_t(1), s, kBlockK, v_rows.data, v_rows.ld, acc_t(1), o, Ev);
       }
 

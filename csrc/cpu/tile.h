@@ -77,6 +77,20 @@ struct HeadView : HeadPointers<scalar_t> {
   using HeadPointers<scalar_t>::mask_add;
   using HeadPointers<scalar_t>::bias;
 
+  // Query rows [q0, q0 + rows), key or value rows [k0, k0 + rows) in the accumulation type.
+  template <typename acc_t>
+  RowsView<acc_t> query_rows(int64_t q0, int64_t rows, acc_t* scratch) const {
+    return rows_as_acc(this->q + q0 * p.query.row_stride, p.query.row_stride, rows, p.E, scratch);
+  }
+  template <typename acc_t>
+  RowsView<acc_t> key_rows(int64_t k0, int64_t rows, acc_t* scratch) const {
+    return rows_as_acc(this->k + k0 * p.key.row_stride, p.key.row_stride, rows, p.E, scratch);
+  }
+  template <typename acc_t>
+  RowsView<acc_t> value_rows(int64_t k0, int64_t rows, acc_t* scratch) const {
+    return rows_as_acc(this->v + k0 * p.value.row_stride, p.value.row_stride, rows, p.Ev, scratch);
+  }
+
   // The columns [begin, end) of the tile (rows from q0, columns from k0) outside which causality and the
   // bool mask leave no (query, key) pair, found in chunks of kSpanChunk columns: callers compute only
   // that span, and skip the tile when it is empty (padding, block-diagonal packing, causal corners).

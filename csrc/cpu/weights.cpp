@@ -27,12 +27,12 @@ void weights_kernel(const AttentionParams& p, scalar_t* weights) {
       const int64_t q0 = (item % q_tiles) * kBlockQ;
       const int64_t rows = std::min(kBlockQ, L - q0);
       const HeadView<scalar_t> head(p, n);
-      const auto q_rows = rows_as_acc(head.q + q0 * p.query.row_stride, p.query.row_stride, rows, E, q_buf.data());
+      const auto q_rows = head.query_rows(q0, rows, q_buf.data());
       for (int64_t tile_k0 = 0; tile_k0 < S; tile_k0 += kBlockK) {
         const ColumnSpan span = head.active_columns(q0, rows, tile_k0, std::min(kBlockK, S - tile_k0));
         if (span.empty()) continue;  // the output is zero-filled
         const int64_t k0 = tile_k0 + span.begin, cols = span.size();
-        const auto k_rows = rows_as_acc(head.k + k0 * p.key.row_stride, p.key.row_stride, cols, E, k_buf.data());
+        const auto k_rows = head.key_rows(k0, cols, k_buf.data());
         head.score_tile(q0, rows, k0, cols, q_rows, k_rows, s, kBlockK);
         for (int64_t i = 0; i < rows; ++i) {
           const acc_t lse = lse_all[n * L + q0 + i];
