@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # One entry point that sets everything up and runs a job:
-#   ./dev.sh run     build info + self-check against torch   (the Quickstart's first command)
+#   ./dev.sh run     build info, self-check against torch, quick benchmark   (the Quickstart's first command)
 #   ./dev.sh test    the test suite                          (the Quickstart's second command; CI runs it)
-#   ./dev.sh bench   the benchmark (python -m mha_ext.benchmark; extra arguments are passed on)
+#   ./dev.sh bench   the full benchmark (python -m mha_ext.benchmark; extra arguments are passed on)
 # Setup: a virtual environment in .venv with torch (TORCH_SPEC, default torch==2.13.0, a CPU build), the
 # build tools and requirements-test.txt, and mha_ext installed editable with --no-build-isolation (so it compiles against
 # that torch). Re-running reuses the environment and rebuilds only what changed.
@@ -27,7 +27,7 @@ job=${1:-run}
 shift || true
 setup
 case "$job" in
-  run) exec "$VENV/bin/python" -m mha_ext "$@" ;;
+  run) "$VENV/bin/python" -m mha_ext && exec "$VENV/bin/python" -m mha_ext.benchmark --quick "$@" ;;
   test) exec "$VENV/bin/python" -m pytest tests -q "$@" ;;
   bench) exec "$VENV/bin/python" -m mha_ext.benchmark "$@" ;;
   *) echo "usage: ./dev.sh [run|test|bench] [args...]" >&2; exit 2 ;;

@@ -16,7 +16,7 @@ def describe() -> dict:
         "mha_ext": mha_ext.__version__,
         "torch (built against)": built["torch_version"],
         "torch (running)": torch.__version__,
-        "cpu": _cpu_model(),
+        "cpu": cpu_model(),
         "cpu ISA (kernels)": built["cpu_isa"],
         "cpu GEMM engine": built["cpu_gemm"],
         "threads": torch.get_num_threads(),
@@ -25,7 +25,8 @@ def describe() -> dict:
     }
 
 
-def _cpu_model() -> str:
+def cpu_model() -> str:
+    """The CPU's model name (from /proc/cpuinfo where there is one)."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import mha_ext
-from conftest import DEVICES, reference_attention
+from conftest import DEVICES
 
 M0, M1, W0, W1 = 0xD2511F53, 0xCD9E8D57, 0x9E3779B9, 0xBB67AE85
 MASK32 = 0xFFFFFFFF

@@ -1,0 +1,133 @@
+"""Smoke tests of ``python -m mha_ext.benchmark``: tiny cases, a few seconds in all."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+
+import pytest
+import torch
+
+from mha_ext.benchmark import main
+from mha_ext.benchmark.cases import FORWARD, FORWARD_BACKWARD, Case, Mask, Shape, attention_flops
+from mha_ext.benchmark.memory import measure_here
+from mha_ext.benchmark.implementations import FUNCTION, Implementation, Outputs, Runner, select_implementations
+from mha_ext.benchmark.results import MISMATCH, OK, Row, mask_overheads
+from mha_ext.benchmark.suite import SuiteSettings, run_case
+from mha_ext.benchmark.targets import evaluate_targets
+from mha_ext.benchmark.timing import TimingPolicy
+
+# Two tiny cases: both mask conventions (none, bool keep-mask), forward only, float32.
+SMOKE_FILTER = r"^tiny_L64/(none|bool_pad50)/fwd/float32$"
+EXPECTED_CPU_IMPLEMENTATIONS = ("mha_ext", "sdpa_flash", "sdpa_default", "sdpa_math", "naive_per_head",
+                                "nn_mha", "nn_mha_weights")
+
+
+def test_flops_hand_computed():
+    shape = Shape("hand", batch=2, heads_q=3, heads_kv=3, len_q=5, len_kv=7, head_dim=4, head_dim_v=6)
+    # Q@K^T: 2*B*H*L*S*E = 2*2*3*5*7*4 = 1680; P@V: 2*B*H*L*S*Ev = 2520; forward 4200.
+    assert attention_flops(shape, FORWARD) == 4200
+    assert attention_flops(shape, FORWARD_BACKWARD) == 4200 * 3.5  # backward = 2.5x forward
+    gqa = Shape("gqa", batch=1, heads_q=32, heads_kv=8, len_q=2048, len_kv=2048, head_dim=128, head_dim_v=128)
+    assert attention_flops(gqa, FORWARD) == 4 * 32 * 2048 * 2048 * 128  # counted on the query heads
+
+
+def test_case_ids_round_trip():
+    case = Case.from_id("bert_L512/bool_pad50/fwd+bwd/bf16")
+    assert case.id == "bert_L512/bool_pad50/fwd+bwd/bfloat16"
+    assert case.mask is Mask.PADDING and case.shape.len_q == 512
+
+
+def test_filter_filters(capsys):
+    assert main(["--quick", "--list", "--filter", "tiny_gqa"]) == 0
+    listed = [line.split()[0] for line in capsys.readouterr().out.splitlines() if "/" in line.split()[0]]
+    assert listed and all("tiny_gqa" in case_id for case_id in listed)
+    assert main(["--quick", "--list", "--dtype", "bf16", "--direction", "fwd"]) == 0
+    listed = [line.split()[0] for line in capsys.readouterr().out.splitlines() if "/" in line.split()[0]]
+    assert listed and all(case_id.endswith("/fwd/bfloat16") for case_id in listed)
+
+
+def test_cli_quick_runs_and_writes(tmp_path, capsys):
+    assert main(["--quick", "--filter", SMOKE_FILTER, "--out", str(tmp_path)]) == 0
+    printed = capsys.readouterr().out
+    report = json.loads((tmp_path / "results.json").read_text())
+    markdown = (tmp_path / "results.md").read_text()
+
+    assert {row["case"] for row in report["rows"]} == {"tiny_L64/none/fwd/float32", "tiny_L64/bool_pad50/fwd/float32"}
+    names = {row["implementation"] for row in report["rows"]}
+    for name in EXPECTED_CPU_IMPLEMENTATIONS:
+        assert name in names
+        assert f"| {name} |" in markdown
+        assert name in printed
+    for row in report["rows"]:
+        if row["implementation"] == "mha_ext":
+            assert row["status"] == OK, row  # matched torch, so it was timed
+            assert row["anchor"] == "sdpa_flash" and row["ratio"] > 0
+            assert math.isclose(row["gflops"], 2 * 2 * 4 * 64 * 64 * 128 / (row["median_ms"] * 1e-3) / 1e9,
+                                rel_tol=1e-9)
+    assert report["reference_gemm"]["gflops"] > 0
+    assert report["environment"]["torch"] == torch.__version__
+    assert "bool_pad50" in {o["mask"] for o in report["mask_overhead"]}
+    if importlib.util.find_spec("matplotlib") is None:
+        assert any("matplotlib" in note for note in report["notes"])
+    else:
+        assert (tmp_path / "chart.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_wrong_output_is_flagged_not_timed():
+    def prepare_wrong(inputs):
+        def run():
+            with torch.no_grad():
+                return Outputs(torch.nn.functional.scaled_dot_product_attention(
+                    inputs.query, inputs.key, inputs.value) * 1.01, {})  # ignores the mask, and off by 1%
+        return Runner(run)
+
+    wrong = Implementation("wrong", "a broken implementation", FUNCTION, ("cpu",), False, prepare_wrong)
+    [flash], _ = select_implementations("cpu", ["sdpa_flash"])
+    settings = SuiteSettings(torch.device("cpu"), TimingPolicy.quick(), peak_gflops=100.0, max_scores_bytes=2 ** 30)
+    anchor, broken = run_case(Case.from_id("tiny_L64/bool_pad50/fwd/float32"), [flash, wrong], settings)
+    assert anchor.status == OK and anchor.ratio == 1.0
+    assert broken.status == MISMATCH and broken.median_ms is None and "differs from sdpa_flash" in broken.note
+
+
+def _row(case_id: str, implementation: str, ratio: float, ms: float = 1.0, unmasked_ms: float | None = None) -> Row:
+    row = Row.for_case(Case.from_id(case_id), implementation, "function", OK)
+    row.ratio, row.median_ms, row.unmasked_ms = ratio, ms, unmasked_ms
+    return row
+
+
+def test_targets_and_mask_overhead():
+    rows = [_row("bert_L512/none/fwd/float32", "mha_ext", 1.3, ms=10.0),
+            _row("bert_L512/causal/fwd/float32", "mha_ext", 1.1, ms=10.5, unmasked_ms=10.0),
+            _row("bert_L512/bool_pad50/fwd/float32", "mha_ext", 2.0, ms=12.0, unmasked_ms=10.0),
+            _row("bert_L512/bool_pad50/fwd/float32", "sdpa_math", 0.5, ms=24.0),
+            _row("bert_L128/none/fwd/float32", "mha_ext", 0.5)]  # L < 512: no target applies
+    overheads = mask_overheads(rows)
+    assert [(o.mask, round(o.ratio, 2), o.within_limit) for o in overheads] == [
+        ("causal", 1.05, True), ("bool_pad50", 1.2, False)]
+    results = {t.description: t for t in evaluate_targets(rows, overheads, [])}
+    forward = results["float32 forward, no/causal/bool/float mask, L >= 512"]
+    assert (forward.rows, forward.passed) == (3, False) and forward.worst.startswith("1.10 (bert_L512/causal")
+    assert results["float32 bool padding mask (50% of keys padded), L >= 512"].passed is True
+    assert results["decode (L = 1, S >= 4096), any mask and dtype"].passed is None
+
+
+def test_mask_overhead_is_timed_side_by_side():
+    [mha_ext], _ = select_implementations("cpu", ["mha_ext"])
+    settings = SuiteSettings(torch.device("cpu"), TimingPolicy.quick(), peak_gflops=100.0, max_scores_bytes=2 ** 30)
+    [row] = run_case(Case.from_id("tiny_L64/causal/fwd/float32"), [mha_ext], settings)
+    assert row.status == OK and row.unmasked_ms > 0 and row.repeats >= TimingPolicy.quick().min_repeats
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="peak RSS is read from Linux /proc")
+def test_memory_in_process_and_in_subprocess(tmp_path):
+    result = measure_here("tiny_L64/none/fwd/float32", "sdpa_flash", "cpu")
+    assert result.note == "" and result.growth_mib is not None and result.growth_mib >= 0
+    assert result.output_mib == pytest.approx(2 * 4 * 64 * 64 * 4 / 2 ** 20)
+
+    assert main(["--memory", "--filter", SMOKE_FILTER.replace("(none|bool_pad50)", "none"), "--impls", "mha_ext",
+                 "--out", str(tmp_path)]) == 0
+    [measured] = json.loads((tmp_path / "results.json").read_text())["memory"]
+    assert measured["implementation"] == "mha_ext" and measured["growth_mib"] is not None, measured
