@@ -30,6 +30,10 @@ bool use_blas() {
 
 bool fits_int(int64_t v) { return v >= 0 && v <= INT_MAX; }
 
+// Below this many rows (decode: one query row) BLAS's packing costs more than the product itself; the
+// vectorised dot products and row updates stream the keys and values once instead.
+constexpr int64_t kBlasMinRows = 4;
+
 template <typename T>
 void scale_rows(int64_t M, int64_t N, T beta, T* C, int64_t ldc) {
   for (int64_t i = 0; i < M; ++i) {
@@ -87,7 +91,7 @@ void native_gemm(Trans ta, Trans tb, int64_t M, int64_t N, int64_t K, T alpha, c
 template <typename T, typename Blas>
 bool try_blas(Blas* blas, Trans ta, Trans tb, int64_t M, int64_t N, int64_t K, T alpha, const T* A,
               int64_t lda, const T* B, int64_t ldb, T beta, T* C, int64_t ldc) {
-  if (!use_blas() || !fits_int(M) || !fits_int(N) || !fits_int(K) || !fits_int(lda) || !fits_int(ldb) ||
+  if (!use_blas() || M < kBlasMinRows || !fits_int(M) || !fits_int(N) || !fits_int(K) || !fits_int(lda) || !fits_int(ldb) ||
       !fits_int(ldc)) {
     return false;
   }
