@@ -13,17 +13,9 @@ import math
 
 import torch
 
+from ._checks import require_optional_tensor, require_tensor
+
 _ops = torch.ops.mha_ext
-
-
-def _require_tensor(name: str, value) -> None:
-    if not isinstance(value, torch.Tensor):
-        raise TypeError(f"mha_ext: {name} must be a torch.Tensor, got {type(value).__name__}")
-
-
-def _require_optional_tensor(name: str, value) -> None:
-    if value is not None:
-        _require_tensor(name, value)
 
 
 def _check_heads(query: torch.Tensor, key: torch.Tensor, enable_gqa: bool) -> None:
@@ -105,11 +97,11 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     query's dtype or float32. Inputs with a non-unit stride in their last dim are copied; every other
     stride pattern is read in place.
     """
-    _require_tensor("query", query)
-    _require_tensor("key", key)
-    _require_tensor("value", value)
-    _require_optional_tensor("attn_mask", attn_mask)
-    _require_optional_tensor("attn_bias", attn_bias)
+    require_tensor("query", query)
+    require_tensor("key", key)
+    require_tensor("value", value)
+    require_optional_tensor("attn_mask", attn_mask)
+    require_optional_tensor("attn_bias", attn_bias)
     dropout_p = _check_dropout_p(dropout_p)
     _check_heads(query, key, enable_gqa)
     _check_devices(query, key=key, value=value, attn_mask=attn_mask, attn_bias=attn_bias)
@@ -129,11 +121,11 @@ def attention_weights(query, key, attn_mask=None, is_causal=False, scale=None, e
     Rows with nothing to attend are all 0. Materialises the L x S matrix (that is what it returns) and is
     not differentiable.
     """
-    _require_tensor("query", query)
-    _require_tensor("key", key)
-    _require_optional_tensor("attn_mask", attn_mask)
-    _require_optional_tensor("attn_bias", attn_bias)
-    _require_optional_tensor("lse", lse)
+    require_tensor("query", query)
+    require_tensor("key", key)
+    require_optional_tensor("attn_mask", attn_mask)
+    require_optional_tensor("attn_bias", attn_bias)
+    require_optional_tensor("lse", lse)
     _check_heads(query, key, enable_gqa)
     _check_devices(query, key=key, attn_mask=attn_mask, attn_bias=attn_bias, lse=lse)
     scale = _resolve_scale(query, scale)
@@ -151,8 +143,8 @@ def dropout_mask(query, key, dropout_p, *, generator=None, rng_state=None, enabl
     device's default generator), so restoring the generator's state before each of the two calls gives
     the mask the attention call used. Pass ``rng_state`` (int64 [seed, offset]) to give them directly.
     """
-    _require_tensor("query", query)
-    _require_tensor("key", key)
+    require_tensor("query", query)
+    require_tensor("key", key)
     dropout_p = _check_dropout_p(dropout_p)
     _check_heads(query, key, enable_gqa)
     _check_devices(query, key=key)

@@ -17,6 +17,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ._checks import require_tensor
+
 __all__ = [
     "causal",
     "key_padding_from_lengths",
@@ -28,11 +30,6 @@ __all__ = [
     "to_additive",
     "apply_head_mask",
 ]
-
-
-def _check_tensor(name: str, value) -> None:
-    if not isinstance(value, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
 
 
 def _check_zero_one(name: str, mask: Tensor) -> None:
@@ -73,7 +70,7 @@ def key_padding_from_lengths(lengths: Tensor, max_len: int | None = None) -> Ten
     ``j < lengths[n]`` are attended, the padding after them is masked. ``S`` is ``max_len``, or
     ``lengths.max()`` when ``max_len`` is None.
     """
-    _check_tensor("lengths", lengths)
+    require_tensor("lengths", lengths)
     if lengths.dim() != 1 or lengths.dtype.is_floating_point or lengths.dtype == torch.bool:
         raise ValueError(
             f"lengths must be a 1-D integer tensor (N,), got shape {tuple(lengths.shape)} and dtype {lengths.dtype}"
@@ -97,7 +94,7 @@ def from_attention_mask(attention_mask: Tensor) -> Tensor:
     holding only 0 and 1 are accepted (an additive 0/-10000 "extended" mask is rejected). A bool
     input is returned as a view; other dtypes are converted once, at the input's size.
     """
-    _check_tensor("attention_mask", attention_mask)
+    require_tensor("attention_mask", attention_mask)
     if attention_mask.dim() not in (2, 3):
         raise ValueError(
             "attention_mask must be (N, S) or (N, L, S) with 1 = attend, "
@@ -117,7 +114,7 @@ def from_tf_mask(mask: Tensor) -> Tensor:
     differs for a query with every key masked: TensorFlow then averages all values uniformly,
     mha_ext returns zeros.
     """
-    _check_tensor("mask", mask)
+    require_tensor("mask", mask)
     _check_zero_one("mask", mask)
     return ~mask if mask.dtype == torch.bool else mask == 0
 
@@ -132,8 +129,8 @@ def query_key_mask(query_mask: Tensor, key_mask: Tensor) -> Tensor:
     output of zeros. The result is one ``(N, 1, L, S)`` bool tensor: an outer product cannot be a
     view of its factors.
     """
-    _check_tensor("query_mask", query_mask)
-    _check_tensor("key_mask", key_mask)
+    require_tensor("query_mask", query_mask)
+    require_tensor("key_mask", key_mask)
     if query_mask.dim() != 2 or key_mask.dim() != 2 or query_mask.shape[0] != key_mask.shape[0]:
         raise ValueError(
             "query_mask must be (N, L) and key_mask (N, S) with the same N, got shapes "
@@ -152,7 +149,7 @@ def from_torch_key_padding_mask(key_padding_mask: Tensor) -> Tensor:
     floating mask keeps its meaning and is returned as a view. An unbatched ``(S,)`` mask becomes
     ``(1, 1, S)``.
     """
-    _check_tensor("key_padding_mask", key_padding_mask)
+    require_tensor("key_padding_mask", key_padding_mask)
     _check_bool_or_float("key_padding_mask", key_padding_mask)
     if key_padding_mask.dim() not in (1, 2):
         raise ValueError(
@@ -170,7 +167,7 @@ def from_torch_attn_mask(attn_mask: Tensor, num_heads: int) -> Tensor:
     ``(N * num_heads, L, S)`` becomes a view ``(N, num_heads, L, S)``. A bool mask is inverted (one
     allocation of the input's size) to mha_ext's ``True`` = attend; a floating mask is not copied.
     """
-    _check_tensor("attn_mask", attn_mask)
+    require_tensor("attn_mask", attn_mask)
     _check_bool_or_float("attn_mask", attn_mask)
     if attn_mask.dim() == 3:
         if attn_mask.shape[0] % num_heads:
@@ -192,7 +189,7 @@ def to_additive(mask: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
     Same shape (so broadcast masks stay small). Use it to pass a second bool mask as ``attn_bias``
     next to a bool ``attn_mask``.
     """
-    _check_tensor("mask", mask)
+    require_tensor("mask", mask)
     if mask.dtype != torch.bool:
         raise TypeError(f"mask must be a bool tensor (True = attend), got dtype {mask.dtype}")
     return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
@@ -206,8 +203,8 @@ def apply_head_mask(attn_output: Tensor, head_mask: Tensor) -> Tensor:
     to mha_ext's output ``(..., H, L, Ev)``. ``head_mask`` is ``(H,)`` (same for every batch) or
     ``(N, H)``; it is viewed as ``(H, 1, 1)`` / ``(N, H, 1, 1)`` (no copy) and broadcast.
     """
-    _check_tensor("attn_output", attn_output)
-    _check_tensor("head_mask", head_mask)
+    require_tensor("attn_output", attn_output)
+    require_tensor("head_mask", head_mask)
     if attn_output.dim() < 3:
         raise ValueError(f"attn_output must be (..., H, L, Ev), got shape {tuple(attn_output.shape)}")
     heads = attn_output.shape[-3]

@@ -8,6 +8,7 @@ from torch import Tensor
 
 import mha_ext
 from mha_ext import masks
+from mha_ext._checks import require_tensor
 
 __all__ = ["MultiheadAttention"]
 
@@ -223,8 +224,7 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
         Mask dtypes are checked by the mha_ext.masks converters.
         """
         for name, x in (("query", query), ("key", key), ("value", value)):
-            if not isinstance(x, Tensor):
-                raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+            require_tensor(name, x)
             if x.is_nested:
                 raise ValueError(
                     f"{name} is a nested tensor, which mha_ext.nn.MultiheadAttention does not support; pass a "
