@@ -58,6 +58,56 @@ RowsView<acc_t> rows_as_acc(const scalar_t* src, int64_t src_ld, int64_t rows, i
   }
 }
 
+// The order in which the (batch-head n, query tile) work items are handed out. Batch-heads that read the
+// same mask/bias slab (stride 0 along the grid dims the masks broadcast over, e.g. a (H, L, S) bias shared
+// by the batch) run back to back for each query tile, so the slab comes from cache, not memory. Without
+// masks this is the plain n-major order. Each item is computed alone, so the order changes no result.
+class WorkOrder {
+ public:
+  WorkOrder(const AttentionParams& p, int64_t q_tiles) : q_tiles_(q_tiles), numel_(p.grid.numel) {
+    const bool any_mask = p.has_bool_mask || p.mask_add_type != AdditiveType::kNone ||
+                          p.bias_type != AdditiveType::kNone;
+    int64_t flat_stride = 1;
+    for (int d = p.grid.ndim - 1; d >= 0; --d) {
+      const bool shared = any_mask && (!p.has_bool_mask || p.bool_mask.grid_strides[d] == 0) &&
+                          (p.mask_add_type == AdditiveType::kNone || p.mask_add.grid_strides[d] == 0) &&
+                          (p.bias_type == AdditiveType::kNone || p.bias.grid_strides[d] == 0);
+      Dims& dims = shared ? inner_ : outer_;
+      dims.size[dims.count] = p.grid.sizes[d];
+      dims.flat_stride[dims.count] = flat_stride;
+      ++dims.count;
+      flat_stride *= p.grid.sizes[d];
+    }
+    for (int i = 0; i < inner_.count; ++i) inner_numel_ *= inner_.size[i];
+  }
+
+  int64_t count() const { return numel_ * q_tiles_; }
+
+  // The batch-head n and the query tile of the item-th work item.
+  void item(int64_t item, int64_t& n, int64_t& q_tile) const {
+    const int64_t rest = item / inner_numel_;
+    q_tile = rest % q_tiles_;
+    n = inner_.flat_index(item % inner_numel_) + outer_.flat_index(rest / q_tiles_);
+  }
+
+ private:
+  struct Dims {  // innermost first
+    int count = 0;
+    int64_t size[kMaxGridDims] = {};
+    int64_t flat_stride[kMaxGridDims] = {};
+    int64_t flat_index(int64_t i) const {
+      int64_t n = 0;
+      for (int d = 0; d < count; ++d) {
+        n += (i % size[d]) * flat_stride[d];
+        i /= size[d];
+      }
+      return n;
+    }
+  };
+  int64_t q_tiles_, numel_, inner_numel_ = 1;
+  Dims outer_, inner_;
+};
+
 // Granularity at which tiles are trimmed to the columns a bool mask leaves anything in.
 constexpr int64_t kSpanChunk = 32;
 
