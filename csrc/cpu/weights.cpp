@@ -17,14 +17,15 @@ template <typename scalar_t>
 void weights_kernel(const AttentionParams& p, scalar_t* weights) {
   using acc_t = acc_type<scalar_t>;
   const int64_t L = p.L, S = p.S, E = p.E;
-  const int64_t q_tiles = ceil_div(L, kBlockQ);
+  const WorkOrder order(p, ceil_div(L, kBlockQ));
   const acc_t* lse_all = static_cast<const acc_t*>(p.lse);
-  at::parallel_for(0, p.grid.numel * q_tiles, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, order.count(), 1, [&](int64_t begin, int64_t end) {
     Scratch<acc_t> q_buf(kBlockQ * E), k_buf(kBlockK * E), scores(kBlockQ * kBlockK);
     acc_t* s = scores.data();
     for (int64_t item = begin; item < end; ++item) {
-      const int64_t n = item / q_tiles;
-      const int64_t q0 = (item % q_tiles) * kBlockQ;
+      int64_t n, q_tile;
+      order.item(item, n, q_tile);
+      const int64_t q0 = q_tile * kBlockQ;
       const int64_t rows = std::min(kBlockQ, L - q0);
       const HeadView<scalar_t> head(p, n);
       const auto q_rows = head.query_rows(q0, rows, q_buf.data());
