@@ -10,7 +10,7 @@
 
 #include "attention/entry.h"
 #include "cpu/dropout.h"
-#include "cpu/tile.h"
+#include "cpu/key_tiles.h"
 
 namespace mha_ext::cpu {
 namespace {
@@ -66,13 +66,17 @@ void backward_kernel(const AttentionGradParams& g) {
   acc_t* grad_query = static_cast<acc_t*>(g.grad_query);
   const acc_t* lse_all = static_cast<const acc_t*>(p.lse);
   acc_t* grad_scores = static_cast<acc_t*>(g.grad_scores);
-  const acc_t scale = static_cast<acc_t>(p.scale);
 
   at::parallel_for(0, M * kv_blocks, 1, [&](int64_t begin, int64_t end) {
     Scratch<acc_t> q_buf(kBlockQ * E), do_buf(kBlockQ * Ev), k_buf(kBlockK * E), v_buf(kBlockK * Ev),
-        p_buf(kBlockQ * kBlockK), ds_buf(kBlockQ * kBlockK), dk_buf(kBlockK * E), dv_buf(kBlockK * Ev);
+        vt_buf(Ev * kBlockK), p_buf(kBlockQ * kBlockK), ds_buf(kBlockQ * kBlockK), pt_buf(kBlockK * kBlockQ),
+        dst_buf(kBlockK * kBlockQ), dk_buf(kBlockK * E), dv_buf(kBlockK * Ev);
+    KeyTiles<acc_t> keys(p, kBlockK);
     acc_t* probs = p_buf.data();
     acc_t* dscores = ds_buf.data();
+    acc_t* values_t = vt_buf.data();
+    acc_t* probs_t = pt_buf.data();
+    acc_t* dscores_t = dst_buf.data();
     acc_t* dk = dk_buf.data();
     acc_t* dv = dv_buf.data();
     for (int64_t item = begin; item < end; ++item) {
@@ -85,8 +89,9 @@ void backward_kernel(const AttentionGradParams& g) {
         std::fill(dv, dv + cols * Ev, acc_t(0));
         // Every query head of the group reads the same K/V rows.
         const HeadView<scalar_t> kv_head(p, m * G);
-        const auto k_rows = kv_head.key_rows(k0, cols, k_buf.data());
+        const auto k_scaled = kv_head.scaled_key_rows(k0, cols, k_buf.data());
         const auto v_rows = kv_head.value_rows(k0, cols, v_buf.data());
+        transpose(cols, Ev, v_rows.data, v_rows.ld, values_t, kBlockK);
         for (int64_t gi = 0; gi < G; ++gi) {
           const int64_t n = m * G + gi;
           const HeadView<scalar_t> head(p, n);
@@ -95,13 +100,13 @@ void backward_kernel(const AttentionGradParams& g) {
           for (int64_t q0 = q_start; q0 < L; q0 += kBlockQ) {
             const int64_t rows = std::min(kBlockQ, L - q0);
             if (head.active_columns(q0, rows, k0, cols).empty()) continue;
-            const auto q_rows = head.query_rows(q0, rows, q_buf.data());
+            const auto q_scaled = head.scaled_query_rows(q0, rows, q_buf.data());
             const auto do_rows =
                 rows_as_acc(d_out + q0 * g.grad_out.row_stride, g.grad_out.row_stride, rows, Ev, do_buf.data());
-            head.score_tile(q0, rows, k0, cols, q_rows, k_rows, probs, kBlockK);
+            head.score_tile(q0, rows, k0, cols, q_scaled, keys.columns(kv_head, k0, cols, rows), probs, kBlockK);
             // dP = dO V^T
-            gemm(Trans::kNo, Trans::kYes, rows, cols, Ev, acc_t(1), do_rows.data, do_rows.ld, v_rows.data,
-                 v_rows.ld, acc_t(0), dscores, kBlockK);
+            gemm(Trans::kNo, Trans::kNo, rows, cols, Ev, acc_t(1), do_rows.data, do_rows.ld, values_t, kBlockK,
+                 acc_t(0), dscores, kBlockK);
             for (int64_t i = 0; i < rows; ++i) {
               acc_t* p_row = probs + i * kBlockK;
               acc_t* ds_row = dscores + i * kBlockK;
@@ -128,12 +133,14 @@ void backward_kernel(const AttentionGradParams& g) {
                 std::memcpy(grad_scores + (n * L + q0 + i) * S + k0, ds_row, sizeof(acc_t) * cols);
               }
             }
-            // dV += P^T dO;  dK += scale dS^T Q;  dQ += scale dS K
-            gemm(Trans::kYes, Trans::kNo, cols, Ev, rows, acc_t(1), probs, kBlockK, do_rows.data, do_rows.ld,
+            // dV += P^T dO;  dK += dS^T (scale Q);  dQ += dS (scale K)
+            transpose(rows, cols, probs, kBlockK, probs_t, kBlockQ);
+            transpose(rows, cols, dscores, kBlockK, dscores_t, kBlockQ);
+            gemm(Trans::kNo, Trans::kNo, cols, Ev, rows, acc_t(1), probs_t, kBlockQ, do_rows.data, do_rows.ld,
                  acc_t(1), dv, Ev);
-            gemm(Trans::kYes, Trans::kNo, cols, E, rows, scale, dscores, kBlockK, q_rows.data, q_rows.ld, acc_t(1),
-                 dk, E);
-            gemm(Trans::kNo, Trans::kNo, rows, E, cols, scale, dscores, kBlockK, k_rows.data, k_rows.ld, acc_t(1),
+            gemm(Trans::kNo, Trans::kNo, cols, E, rows, acc_t(1), dscores_t, kBlockQ, q_scaled.data, q_scaled.ld,
+                 acc_t(1), dk, E);
+            gemm(Trans::kNo, Trans::kNo, rows, E, cols, acc_t(1), dscores, kBlockK, k_scaled.data, k_scaled.ld, acc_t(1),
                  dq_base + (n * L + q0) * E, E);
           }
         }

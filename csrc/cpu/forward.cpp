@@ -6,7 +6,7 @@
 
 #include "attention/entry.h"
 #include "cpu/dropout.h"
-#include "cpu/tile.h"
+#include "cpu/key_tiles.h"
 
 namespace mha_ext::cpu {
 namespace {
@@ -20,8 +20,9 @@ void forward_kernel(const AttentionParams& p) {
   const int64_t L = p.L, S = p.S, E = p.E, Ev = p.Ev;
   const WorkOrder order(p, ceil_div(L, kBlockQ));
   at::parallel_for(0, order.count(), 1, [&](int64_t begin, int64_t end) {
-    Scratch<acc_t> q_buf(kBlockQ * E), k_buf(kBlockK * E), v_buf(kBlockK * Ev), scores(kBlockQ * kBlockK),
-        acc(kBlockQ * Ev), row_max_buf(kBlockQ), row_sum_buf(kBlockQ);
+    Scratch<acc_t> q_buf(kBlockQ * E), v_buf(kBlockK * Ev), scores(kBlockQ * kBlockK), acc(kBlockQ * Ev),
+        row_max_buf(kBlockQ), row_sum_buf(kBlockQ);
+    KeyTiles<acc_t> keys(p, kBlockK);
     acc_t* s = scores.data();
     acc_t* o = acc.data();
     acc_t* m = row_max_buf.data();
@@ -32,7 +33,7 @@ void forward_kernel(const AttentionParams& p) {
       const int64_t q0 = q_tile * kBlockQ;
       const int64_t rows = std::min(kBlockQ, L - q0);
       const HeadView<scalar_t> head(p, n);
-      const auto q_rows = head.query_rows(q0, rows, q_buf.data());
+      const auto q_scaled = head.scaled_query_rows(q0, rows, q_buf.data());
       std::fill(m, m + rows, kNegInf<acc_t>);
       std::fill(l, l + rows, acc_t(0));
       std::fill(o, o + rows * Ev, acc_t(0));
@@ -42,8 +43,7 @@ void forward_kernel(const AttentionParams& p) {
         const ColumnSpan span = head.active_columns(q0, rows, tile_k0, std::min(kBlockK, k_end - tile_k0));
         if (span.empty()) continue;
         const int64_t k0 = tile_k0 + span.begin, cols = span.size();
-        const auto k_rows = head.key_rows(k0, cols, k_buf.data());
-        head.score_tile(q0, rows, k0, cols, q_rows, k_rows, s, kBlockK);
+        head.score_tile(q0, rows, k0, cols, q_scaled, keys.columns(head, k0, cols, rows), s, kBlockK);
         for (int64_t i = 0; i < rows; ++i) {
           acc_t* s_row = s + i * kBlockK;
           const acc_t new_max = std::max(m[i], row_max(s_row, cols));

@@ -11,6 +11,10 @@ namespace mha_ext::cpu {
 
 enum class Trans { kNo, kYes };
 
+// Below this many rows (decode: one query row) BLAS's packing costs more than the product itself; gemm()
+// then streams the operands once with vectorised dot products and row updates instead.
+constexpr int64_t kBlasMinRows = 4;
+
 // C (M x N) = alpha * op(A) * op(B) + beta * C, all row-major with leading dims lda/ldb/ldc.
 // op(A) is M x K, op(B) is K x N. Supported: (kNo, kNo), (kNo, kYes), (kYes, kNo).
 void gemm(Trans trans_a, Trans trans_b, int64_t M, int64_t N, int64_t K, float alpha, const float* A,

@@ -58,20 +58,33 @@ RowsView<acc_t> rows_as_acc(const scalar_t* src, int64_t src_ld, int64_t rows, i
   }
 }
 
+// scale * (rows x cols block of src), converted to the accumulation type, always a copy in `scratch`.
+template <typename scalar_t, typename acc_t>
+RowsView<acc_t> scaled_rows_as_acc(const scalar_t* src, int64_t src_ld, int64_t rows, int64_t cols, acc_t scale,
+                                   acc_t* scratch) {
+  const RowsView<acc_t> rows_view = rows_as_acc(src, src_ld, rows, cols, scratch);
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t c = 0; c < cols; ++c) scratch[r * cols + c] = rows_view.data[r * rows_view.ld + c] * scale;
+  return {scratch, cols};
+}
+
 // The order in which the (batch-head n, query tile) work items are handed out. Batch-heads that read the
 // same mask/bias slab (stride 0 along the grid dims the masks broadcast over, e.g. a (H, L, S) bias shared
-// by the batch) run back to back for each query tile, so the slab comes from cache, not memory. Without
-// masks this is the plain n-major order. Each item is computed alone, so the order changes no result.
+// by the batch) run back to back for each query tile, so the slab comes from cache, not memory. Masks
+// without a row dim (key padding, row stride 0) are a few cached bytes per batch-head and do not count:
+// without slabs this is the plain n-major order, in which consecutive items reuse a thread's transposed
+// keys (KeyTiles). Each item is computed alone, so the order changes no result.
 class WorkOrder {
  public:
   WorkOrder(const AttentionParams& p, int64_t q_tiles) : q_tiles_(q_tiles), numel_(p.grid.numel) {
-    const bool any_mask = p.has_bool_mask || p.mask_add_type != AdditiveType::kNone ||
-                          p.bias_type != AdditiveType::kNone;
+    const bool bool_slab = p.has_bool_mask && p.bool_mask.row_stride != 0;
+    const bool mask_slab = p.mask_add_type != AdditiveType::kNone && p.mask_add.row_stride != 0;
+    const bool bias_slab = p.bias_type != AdditiveType::kNone && p.bias.row_stride != 0;
     int64_t flat_stride = 1;
     for (int d = p.grid.ndim - 1; d >= 0; --d) {
-      const bool shared = any_mask && (!p.has_bool_mask || p.bool_mask.grid_strides[d] == 0) &&
-                          (p.mask_add_type == AdditiveType::kNone || p.mask_add.grid_strides[d] == 0) &&
-                          (p.bias_type == AdditiveType::kNone || p.bias.grid_strides[d] == 0);
+      const bool shared = (bool_slab || mask_slab || bias_slab) && (!bool_slab || p.bool_mask.grid_strides[d] == 0) &&
+                          (!mask_slab || p.mask_add.grid_strides[d] == 0) &&
+                          (!bias_slab || p.bias.grid_strides[d] == 0);
       Dims& dims = shared ? inner_ : outer_;
       dims.size[dims.count] = p.grid.sizes[d];
       dims.flat_stride[dims.count] = flat_stride;
@@ -108,6 +121,14 @@ class WorkOrder {
   Dims outer_, inner_;
 };
 
+// The key operand of a score product: K's rows (op(B) = K^T, for products with fewer than kBlasMinRows
+// query rows) or K^T itself (E x cols, an untransposed product).
+template <typename acc_t>
+struct KeyOperand {
+  RowsView<acc_t> view;
+  bool transposed;
+};
+
 // Granularity at which tiles are trimmed to the columns a bool mask leaves anything in.
 constexpr int64_t kSpanChunk = 32;
 
@@ -127,11 +148,19 @@ struct HeadView : HeadPointers<scalar_t> {
   using HeadPointers<scalar_t>::mask_add;
   using HeadPointers<scalar_t>::bias;
 
-  // Query rows [q0, q0 + rows), key or value rows [k0, k0 + rows) in the accumulation type.
+  // Query or key rows times the softmax scale, in the accumulation type: the products that take them then
+  // need no alpha, which the untransposed tile products (brgemm) lack.
   template <typename acc_t>
-  RowsView<acc_t> query_rows(int64_t q0, int64_t rows, acc_t* scratch) const {
-    return rows_as_acc(this->q + q0 * p.query.row_stride, p.query.row_stride, rows, p.E, scratch);
+  RowsView<acc_t> scaled_query_rows(int64_t q0, int64_t rows, acc_t* scratch) const {
+    return scaled_rows_as_acc(this->q + q0 * p.query.row_stride, p.query.row_stride, rows, p.E,
+                              static_cast<acc_t>(p.scale), scratch);
   }
+  template <typename acc_t>
+  RowsView<acc_t> scaled_key_rows(int64_t k0, int64_t rows, acc_t* scratch) const {
+    return scaled_rows_as_acc(this->k + k0 * p.key.row_stride, p.key.row_stride, rows, p.E,
+                              static_cast<acc_t>(p.scale), scratch);
+  }
+  // Key or value rows [k0, k0 + rows) in the accumulation type.
   template <typename acc_t>
   RowsView<acc_t> key_rows(int64_t k0, int64_t rows, acc_t* scratch) const {
     return rows_as_acc(this->k + k0 * p.key.row_stride, p.key.row_stride, rows, p.E, scratch);
@@ -159,12 +188,13 @@ struct HeadView : HeadPointers<scalar_t> {
     return {first, std::min(last, span.end)};
   }
 
-  // scores (rows x cols, leading dim ld) = scale * Q[q0:] K[k0:]^T + additive masks, -inf where masked.
+  // scores (rows x cols, leading dim ld) = scale * Q[q0:] K[k0:]^T + additive masks, -inf where masked;
+  // q_scaled from scaled_query_rows, keys the key columns [k0, k0 + cols) from KeyTiles.
   template <typename acc_t>
-  void score_tile(int64_t q0, int64_t rows, int64_t k0, int64_t cols, RowsView<acc_t> q_rows,
-                  RowsView<acc_t> k_rows, acc_t* scores, int64_t ld) const {
-    gemm(Trans::kNo, Trans::kYes, rows, cols, p.E, static_cast<acc_t>(p.scale), q_rows.data, q_rows.ld,
-         k_rows.data, k_rows.ld, acc_t(0), scores, ld);
+  void score_tile(int64_t q0, int64_t rows, int64_t k0, int64_t cols, RowsView<acc_t> q_scaled,
+                  KeyOperand<acc_t> keys, acc_t* scores, int64_t ld) const {
+    gemm(Trans::kNo, keys.transposed ? Trans::kNo : Trans::kYes, rows, cols, p.E, acc_t(1), q_scaled.data,
+         q_scaled.ld, keys.view.data, keys.view.ld, acc_t(0), scores, ld);
     for (int64_t i = 0; i < rows; ++i) {
       acc_t* s = scores + i * ld;
       const int64_t row = q0 + i;

@@ -5,7 +5,7 @@
 #include <torch/library.h>
 
 #include "attention/entry.h"
-#include "cpu/tile.h"
+#include "cpu/key_tiles.h"
 
 namespace mha_ext::cpu {
 namespace {
@@ -20,7 +20,8 @@ void weights_kernel(const AttentionParams& p, scalar_t* weights) {
   const WorkOrder order(p, ceil_div(L, kBlockQ));
   const acc_t* lse_all = static_cast<const acc_t*>(p.lse);
   at::parallel_for(0, order.count(), 1, [&](int64_t begin, int64_t end) {
-    Scratch<acc_t> q_buf(kBlockQ * E), k_buf(kBlockK * E), scores(kBlockQ * kBlockK);
+    Scratch<acc_t> q_buf(kBlockQ * E), scores(kBlockQ * kBlockK);
+    KeyTiles<acc_t> keys(p, kBlockK);
     acc_t* s = scores.data();
     for (int64_t item = begin; item < end; ++item) {
       int64_t n, q_tile;
@@ -28,13 +29,12 @@ void weights_kernel(const AttentionParams& p, scalar_t* weights) {
       const int64_t q0 = q_tile * kBlockQ;
       const int64_t rows = std::min(kBlockQ, L - q0);
       const HeadView<scalar_t> head(p, n);
-      const auto q_rows = head.query_rows(q0, rows, q_buf.data());
+      const auto q_scaled = head.scaled_query_rows(q0, rows, q_buf.data());
       for (int64_t tile_k0 = 0; tile_k0 < S; tile_k0 += kBlockK) {
         const ColumnSpan span = head.active_columns(q0, rows, tile_k0, std::min(kBlockK, S - tile_k0));
         if (span.empty()) continue;  // the output is zero-filled
         const int64_t k0 = tile_k0 + span.begin, cols = span.size();
-        const auto k_rows = head.key_rows(k0, cols, k_buf.data());
-        head.score_tile(q0, rows, k0, cols, q_rows, k_rows, s, kBlockK);
+        head.score_tile(q0, rows, k0, cols, q_scaled, keys.columns(head, k0, cols, rows), s, kBlockK);
         for (int64_t i = 0; i < rows; ++i) {
           const acc_t lse = lse_all[n * L + q0 + i];
           if (lse == kNegInf<acc_t>) continue;  // nothing attended: the row stays 0
