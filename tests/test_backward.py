@@ -147,3 +147,43 @@ def test_backward_does_not_depend_on_thread_count():
         torch.set_num_threads(threads)
     for a, b in zip(*results):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("mask_shape,bias_shape", [((6, 8), (2, 1, 6, 1)), ((1, 4, 1, 8), (6, 8)), ((2, 4, 6, 8), (8,))])
+def test_gradcheck_mask_and_bias_broadcast_differently(device, mask_shape, bias_shape):
+    # Both need a gradient: the score gradient is kept per slab of the dims either of them does not
+    # broadcast over, then summed down to each shape (GQA: 4 query heads over 2 kv heads).
+    gen = torch.Generator().manual_seed(len(mask_shape) * 10 + len(bias_shape))
+    q = torch.randn(2, 4, 6, 4, generator=gen, dtype=torch.float64).to(device).requires_grad_()
+    k = torch.randn(2, 2, 8, 4, generator=gen, dtype=torch.float64).to(device).requires_grad_()
+    v = torch.randn(2, 2, 8, 3, generator=gen, dtype=torch.float64).to(device).requires_grad_()
+    mask = torch.randn(mask_shape, generator=gen, dtype=torch.float64).to(device).requires_grad_()
+    bias = torch.randn(bias_shape, generator=gen, dtype=torch.float64).to(device).requires_grad_()
+
+    def fn(q, k, v, mask, bias):
+        return mha_ext.scaled_dot_product_attention(q, k, v, attn_mask=mask, attn_bias=bias, enable_gqa=True)
+
+    assert torch.autograd.gradcheck(fn, (q, k, v, mask, bias))
+
+
+def test_shared_bias_gradient_does_not_depend_on_thread_count():
+    # A (H, L, S) bias shared by a batch of 3: its gradient adds up the batch inside one work item.
+    gen = torch.Generator().manual_seed(24)
+    q, k, v = (torch.randn(3, 2, 130, 16, generator=gen) for _ in range(3))
+    bias = torch.randn(2, 130, 130, generator=gen)
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for n in (1, max(2, threads)):
+            torch.set_num_threads(n)
+            inputs = [leaf(t) for t in (q, k, v, bias)]
+            mha_ext.scaled_dot_product_attention(*inputs[:3], attn_bias=inputs[3]).square().sum().backward()
+            results.append([t.grad for t in inputs])
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+    ref_inputs = [leaf(t.double()) for t in (q, k, v, bias)]
+    reference_attention(*ref_inputs[:3], attn_bias=ref_inputs[3]).square().sum().backward()
+    torch.testing.assert_close(results[0][3].double(), ref_inputs[3].grad, atol=1e-4, rtol=1e-4)

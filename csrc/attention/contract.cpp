@@ -239,8 +239,13 @@ Operand query_like_operand(const PreparedAttention& prep, const at::Tensor& tens
                    prep.query.scalar_type(), ", got ", tensor.scalar_type());
   check_same_device(prep.query, tensor, name);
   keep_alive = with_unit_last_stride(tensor);
-  Operand op = GridBuilder(prep.query.sizes(), prep.params.grid.group).bind(keep_alive, false);
-  return op;
+  return GridBuilder(prep.query.sizes(), prep.params.grid.group).bind(keep_alive, false);
+}
+
+Operand scores_operand(const PreparedAttention& prep, const at::Tensor& tensor) {
+  TORCH_CHECK(tensor.sizes() == at::IntArrayRef(prep.scores_shape), "mha_ext internal error: scores operand of shape ",
+              shape_str(tensor.sizes()), ", expected ", shape_str(prep.scores_shape));
+  return GridBuilder(prep.query.sizes(), prep.params.grid.group).bind(tensor, false);
 }
 
 }  // namespace mha_ext

@@ -37,4 +37,8 @@ DropoutRule dropout_rule(double dropout_p, const std::optional<at::Tensor>& rng_
 Operand query_like_operand(const PreparedAttention& prepared, const at::Tensor& tensor, const char* name,
                            int64_t cols, at::Tensor& keep_alive);
 
+// Describes a tensor of the scores' shape (..., Hq, L, S), any strides (stride 0 where it broadcasts),
+// on the prepared grid.
+Operand scores_operand(const PreparedAttention& prepared, const at::Tensor& tensor);
+
 }  // namespace mha_ext

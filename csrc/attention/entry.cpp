@@ -3,6 +3,8 @@
 #include <ATen/ATen.h>
 #include <ATen/ExpandUtils.h>
 
+#include <algorithm>
+
 #include "attention/contract.h"
 
 namespace mha_ext {
@@ -22,6 +24,18 @@ at::Tensor reduce_to(const at::Tensor& grad_scores, const std::optional<at::Tens
   TORCH_CHECK_VALUE(input.has_value() && input->defined() && input->is_floating_point(), "mha_ext: a gradient for ",
                     name, " was requested, but ", name, " is not a floating tensor");
   return at::sum_to(grad_scores, input->sizes()).to(input->scalar_type());
+}
+
+// Sets to 1 the leading (batch, head) dims of `shape` (the scores') along which every tensor broadcasts.
+void shrink_to_broadcast_dims(std::vector<int64_t>& shape, const std::vector<at::Tensor>& tensors) {
+  const int64_t rank = static_cast<int64_t>(shape.size());
+  for (int64_t d = 0; d < rank - 2; ++d) {
+    const bool broadcast = std::all_of(tensors.begin(), tensors.end(), [&](const at::Tensor& t) {
+      const int64_t td = d - (rank - t.dim());
+      return td < 0 || t.size(td) == 1;
+    });
+    if (broadcast) shape[d] = 1;
+  }
 }
 
 }  // namespace
@@ -49,7 +63,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention
     const std::optional<at::Tensor>& attn_mask, const std::optional<at::Tensor>& attn_bias,
     const at::Tensor& output, const at::Tensor& lse, const std::optional<at::Tensor>& grad_lse, bool is_causal,
     double scale, bool mask_requires_grad, bool bias_requires_grad, double dropout_p,
-    const std::optional<at::Tensor>& rng_state, BackwardKernel kernel) {
+    const std::optional<at::Tensor>& rng_state, BackwardKernel kernel, GradScoresLayout grad_scores_layout) {
   PreparedAttention prep = prepare_attention(query, key, value, attn_mask, attn_bias, is_causal, scale);
   prep.params.dropout = dropout_rule(dropout_p, rng_state);
   const at::ScalarType acc = accumulation_dtype(query.scalar_type());
@@ -78,8 +92,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention
   at::Tensor grad_value = at::empty(value.sizes(), value.options());
   at::Tensor grad_scores;
   if (mask_requires_grad || bias_requires_grad) {
-    grad_scores = at::zeros(prep.scores_shape, query.options().dtype(acc));
-    g.grad_scores = grad_scores.data_ptr();
+    std::vector<int64_t> slab_shape = prep.scores_shape;
+    if (grad_scores_layout == GradScoresLayout::kSharedWhereBroadcast) {
+      std::vector<at::Tensor> needing_grad;
+      if (mask_requires_grad && attn_mask.has_value()) needing_grad.push_back(*attn_mask);
+      if (bias_requires_grad && attn_bias.has_value()) needing_grad.push_back(*attn_bias);
+      shrink_to_broadcast_dims(slab_shape, needing_grad);
+    }
+    grad_scores = at::zeros(slab_shape, query.options().dtype(acc));
+    g.grad_scores = scores_operand(prep, grad_scores.expand(prep.scores_shape));
   }
   g.grad_query = grad_query.data_ptr();
   g.grad_key = grad_key.data_ptr();

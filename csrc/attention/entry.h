@@ -15,6 +15,11 @@ using BackwardKernel = void (*)(const AttentionGradParams&, at::ScalarType);
 using WeightsKernel = void (*)(const AttentionParams&, at::ScalarType, void* weights);
 using DropoutMaskKernel = void (*)(const AttentionParams&, bool* keep);
 
+// How the score gradient (AttentionGradParams::grad_scores) is laid out for a backend's backward kernel:
+// one (L, S) slab per batch-head, or one per distinct slab of the masks needing a gradient, shared by the
+// batch-heads they broadcast over (the kernel adds those up without races; no (grid, L, S) buffer).
+enum class GradScoresLayout { kPerBatchHead, kSharedWhereBroadcast };
+
 // Accumulation dtype of the kernels for inputs of `dtype`: float64 for float64, else float32.
 at::ScalarType accumulation_dtype(at::ScalarType dtype);
 
@@ -33,7 +38,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention
     const std::optional<at::Tensor>& attn_mask, const std::optional<at::Tensor>& attn_bias,
     const at::Tensor& output, const at::Tensor& lse, const std::optional<at::Tensor>& grad_lse, bool is_causal,
     double scale, bool mask_requires_grad, bool bias_requires_grad, double dropout_p,
-    const std::optional<at::Tensor>& rng_state, BackwardKernel kernel);
+    const std::optional<at::Tensor>& rng_state, BackwardKernel kernel, GradScoresLayout grad_scores_layout);
 
 // Softmax probabilities (..., Hq, L, S) recomputed from the saved LSE; rows with nothing to attend are 0.
 at::Tensor attention_weights(const at::Tensor& query, const at::Tensor& key,

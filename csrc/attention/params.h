@@ -77,8 +77,17 @@ struct AttentionGradParams {
   void* grad_query = nullptr;   // contiguous (grid, L, E), zero-filled, accumulation type
   void* grad_key = nullptr;     // contiguous (grid / group, S, E)
   void* grad_value = nullptr;   // contiguous (grid / group, S, Ev)
-  void* grad_scores = nullptr;  // contiguous (grid, L, S), zero-filled, accumulation type; null when no
-                                // floating mask or bias needs a gradient
+  // d loss / d scores, for a floating mask or bias that needs a gradient (data null otherwise): zero-filled,
+  // accumulation type, (grid, L, S) with row stride S and column stride 1. Along the grid dims that every
+  // such mask broadcasts over the stride may be 0: those batch-heads add into one shared (L, S) slab, and
+  // the kernel must add them without races (GradScoresLayout in entry.h says which kernels get that).
+  Operand grad_scores;
+
+  // The (L, S) slab that batch-head n adds its score gradient into.
+  template <typename T>
+  MHA_HOST_DEVICE T* grad_scores_slab(int64_t n) const {
+    return static_cast<T*>(const_cast<void*>(grad_scores.data)) + grad_scores.offset(fwd.grid, n);
+  }
 };
 
 }  // namespace mha_ext

@@ -1,12 +1,11 @@
 // Fused attention backward on the CPU. Work items are (kv batch, block of key tiles): each owns its rows
 // of dK and dV outright, loops over the query heads sharing that K/V (GQA) and over the query tiles, and
 // recomputes the probabilities from the saved LSE. dQ gets one partial sum per key block, added up in a
-// fixed order afterwards: no atomics, no races, bitwise reproducible for any thread count.
+// fixed order afterwards; the kv batches whose score gradients add into one broadcast mask's slab share
+// a work item: no atomics, no races, bitwise reproducible for any thread count.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
-
-#include <cstring>
 
 #include "attention/entry.h"
 #include "cpu/dropout.h"
@@ -50,7 +49,7 @@ template <typename scalar_t>
 void backward_kernel(const AttentionGradParams& g) {
   using acc_t = acc_type<scalar_t>;
   const AttentionParams& p = g.fwd;
-  const int64_t N = p.grid.numel, G = p.grid.group, M = N / G;
+  const int64_t N = p.grid.numel, G = p.grid.group;
   const int64_t L = p.L, S = p.S, E = p.E, Ev = p.Ev;
   const auto acc_options = at::TensorOptions().dtype(c10::CppTypeToScalarType<acc_t>::value);
 
@@ -58,16 +57,20 @@ void backward_kernel(const AttentionGradParams& g) {
   acc_t* delta = delta_t.data_ptr<acc_t>();
   compute_delta<scalar_t>(g, delta);
 
+  // kv batch-heads whose query heads add into one shared score-gradient slab run inside one work item, in
+  // a fixed order, so no two threads ever add into the same slab.
+  const bool has_grad_scores = g.grad_scores.data != nullptr;
+  const GridSplit kv_split(p.grid, G > 1 ? p.grid.ndim - 1 : p.grid.ndim,
+                           [&](int d) { return has_grad_scores && g.grad_scores.grid_strides[d] == 0; });
   const int64_t k_tiles = ceil_div(S, kBlockK);
   const int64_t dq_numel = N * L * E;
-  const int64_t kv_blocks = choose_kv_blocks(M, k_tiles, dq_numel, sizeof(acc_t));
+  const int64_t kv_blocks = choose_kv_blocks(kv_split.outer_count(), k_tiles, dq_numel, sizeof(acc_t));
   const int64_t tiles_per_block = ceil_div(k_tiles, kv_blocks);
   at::Tensor dq_partials = kv_blocks > 1 ? at::zeros({kv_blocks - 1, dq_numel}, acc_options) : at::Tensor();
   acc_t* grad_query = static_cast<acc_t*>(g.grad_query);
   const acc_t* lse_all = static_cast<const acc_t*>(p.lse);
-  acc_t* grad_scores = static_cast<acc_t*>(g.grad_scores);
 
-  at::parallel_for(0, M * kv_blocks, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, kv_split.outer_count() * kv_blocks, 1, [&](int64_t begin, int64_t end) {
     Scratch<acc_t> q_buf(kBlockQ * E), do_buf(kBlockQ * Ev), k_buf(kBlockK * E), v_buf(kBlockK * Ev),
         vt_buf(Ev * kBlockK), p_buf(kBlockQ * kBlockK), ds_buf(kBlockQ * kBlockK), pt_buf(kBlockK * kBlockQ),
         dst_buf(kBlockK * kBlockQ), dk_buf(kBlockK * E), dv_buf(kBlockK * Ev);
@@ -80,10 +83,13 @@ void backward_kernel(const AttentionGradParams& g) {
     acc_t* dk = dk_buf.data();
     acc_t* dv = dv_buf.data();
     for (int64_t item = begin; item < end; ++item) {
-      const int64_t m = item / kv_blocks, block = item % kv_blocks;
+      const int64_t outer = item / kv_blocks, block = item % kv_blocks;
       acc_t* dq_base = block == 0 ? grad_query : dq_partials.data_ptr<acc_t>() + (block - 1) * dq_numel;
       const int64_t kt_end = std::min(k_tiles, (block + 1) * tiles_per_block);
-      for (int64_t kt = block * tiles_per_block; kt < kt_end; ++kt) {
+      for (int64_t tile = block * tiles_per_block * kv_split.inner_count();
+           tile < kt_end * kv_split.inner_count(); ++tile) {
+        const int64_t kt = tile / kv_split.inner_count();
+        const int64_t m = kv_split.flat(outer, tile % kv_split.inner_count());
         const int64_t k0 = kt * kBlockK, cols = std::min(kBlockK, S - k0);
         std::fill(dk, dk + cols * E, acc_t(0));
         std::fill(dv, dv + cols * Ev, acc_t(0));
@@ -96,6 +102,7 @@ void backward_kernel(const AttentionGradParams& g) {
           const int64_t n = m * G + gi;
           const HeadView<scalar_t> head(p, n);
           const scalar_t* d_out = g.grad_out.ptr<scalar_t>(p.grid, n);
+          acc_t* grad_scores = has_grad_scores ? g.template grad_scores_slab<acc_t>(n) : nullptr;
           const int64_t q_start = p.is_causal ? (k0 / kBlockQ) * kBlockQ : 0;
           for (int64_t q0 = q_start; q0 < L; q0 += kBlockQ) {
             const int64_t rows = std::min(kBlockQ, L - q0);
@@ -130,7 +137,8 @@ void backward_kernel(const AttentionGradParams& g) {
                 for (int64_t j = 0; j < cols; ++j) ds_row[j] = p_row[j] * (ds_row[j] - d);
               }
               if (grad_scores != nullptr) {
-                std::memcpy(grad_scores + (n * L + q0 + i) * S + k0, ds_row, sizeof(acc_t) * cols);
+                acc_t* slab_row = grad_scores + (q0 + i) * S + k0;
+                for (int64_t j = 0; j < cols; ++j) slab_row[j] += ds_row[j];
               }
             }
             // dV += P^T dO;  dK += dS^T (scale Q);  dQ += dS (scale K)
@@ -179,6 +187,6 @@ TORCH_LIBRARY_IMPL(mha_ext, CPU, m) {
             const std::optional<at::Tensor>& rng_state) {
            return mha_ext::attention_backward(grad_output, q, k, v, mask, bias, output, lse, grad_lse, is_causal, scale,
                                               mask_requires_grad, bias_requires_grad, dropout_p, rng_state,
-                                              mha_ext::cpu::backward_cpu);
+                                              mha_ext::cpu::backward_cpu, mha_ext::GradScoresLayout::kSharedWhereBroadcast);
          });
 }

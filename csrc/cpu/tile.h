@@ -68,46 +68,36 @@ RowsView<acc_t> scaled_rows_as_acc(const scalar_t* src, int64_t src_ld, int64_t 
   return {scratch, cols};
 }
 
-// The order in which the (batch-head n, query tile) work items are handed out. Batch-heads that read the
-// same mask/bias slab (stride 0 along the grid dims the masks broadcast over, e.g. a (H, L, S) bias shared
-// by the batch) run back to back for each query tile, so the slab comes from cache, not memory. Masks
-// without a row dim (key padding, row stride 0) are a few cached bytes per batch-head and do not count:
-// without slabs this is the plain n-major order, in which consecutive items reuse a thread's transposed
-// keys (KeyTiles). Each item is computed alone, so the order changes no result.
-class WorkOrder {
+// Splits a flat index over the first `ndim` grid dims into an outer and an inner index: the dims that
+// `is_inner(d)` picks vary fastest, in their own order, so items that differ only along them are adjacent.
+class GridSplit {
  public:
-  WorkOrder(const AttentionParams& p, int64_t q_tiles) : q_tiles_(q_tiles), numel_(p.grid.numel) {
-    const bool bool_slab = p.has_bool_mask && p.bool_mask.row_stride != 0;
-    const bool mask_slab = p.mask_add_type != AdditiveType::kNone && p.mask_add.row_stride != 0;
-    const bool bias_slab = p.bias_type != AdditiveType::kNone && p.bias.row_stride != 0;
+  template <typename IsInner>
+  GridSplit(const BatchGrid& grid, int ndim, IsInner is_inner) {
     int64_t flat_stride = 1;
-    for (int d = p.grid.ndim - 1; d >= 0; --d) {
-      const bool shared = (bool_slab || mask_slab || bias_slab) && (!bool_slab || p.bool_mask.grid_strides[d] == 0) &&
-                          (!mask_slab || p.mask_add.grid_strides[d] == 0) &&
-                          (!bias_slab || p.bias.grid_strides[d] == 0);
-      Dims& dims = shared ? inner_ : outer_;
-      dims.size[dims.count] = p.grid.sizes[d];
+    for (int d = ndim - 1; d >= 0; --d) {
+      Dims& dims = is_inner(d) ? inner_ : outer_;
+      dims.size[dims.count] = grid.sizes[d];
       dims.flat_stride[dims.count] = flat_stride;
       ++dims.count;
-      flat_stride *= p.grid.sizes[d];
+      flat_stride *= grid.sizes[d];
     }
-    for (int i = 0; i < inner_.count; ++i) inner_numel_ *= inner_.size[i];
   }
 
-  int64_t count() const { return numel_ * q_tiles_; }
-
-  // The batch-head n and the query tile of the item-th work item.
-  void item(int64_t item, int64_t& n, int64_t& q_tile) const {
-    const int64_t rest = item / inner_numel_;
-    q_tile = rest % q_tiles_;
-    n = inner_.flat_index(item % inner_numel_) + outer_.flat_index(rest / q_tiles_);
-  }
+  int64_t inner_count() const { return inner_.numel(); }
+  int64_t outer_count() const { return outer_.numel(); }
+  int64_t flat(int64_t outer, int64_t inner) const { return outer_.flat_index(outer) + inner_.flat_index(inner); }
 
  private:
   struct Dims {  // innermost first
     int count = 0;
     int64_t size[kMaxGridDims] = {};
     int64_t flat_stride[kMaxGridDims] = {};
+    int64_t numel() const {
+      int64_t n = 1;
+      for (int d = 0; d < count; ++d) n *= size[d];
+      return n;
+    }
     int64_t flat_index(int64_t i) const {
       int64_t n = 0;
       for (int d = 0; d < count; ++d) {
@@ -117,8 +107,45 @@ class WorkOrder {
       return n;
     }
   };
-  int64_t q_tiles_, numel_, inner_numel_ = 1;
   Dims outer_, inner_;
+};
+
+// The order in which the (batch-head n, query tile) work items are handed out. Batch-heads that read the
+// same mask/bias slab (stride 0 along the grid dims the masks broadcast over, e.g. a (H, L, S) bias shared
+// by the batch) run back to back for each query tile, so the slab comes from cache, not memory. Masks
+// without a row dim (key padding, row stride 0) are a few cached bytes per batch-head and do not count:
+// without slabs this is the plain n-major order, in which consecutive items reuse a thread's transposed
+// keys (KeyTiles). Each item is computed alone, so the order changes no result.
+class WorkOrder {
+ public:
+  WorkOrder(const AttentionParams& p, int64_t q_tiles)
+      : q_tiles_(q_tiles), numel_(p.grid.numel), split_(p.grid, p.grid.ndim, SharedSlabDims(p)) {}
+
+  int64_t count() const { return numel_ * q_tiles_; }
+
+  // The batch-head n and the query tile of the item-th work item.
+  void item(int64_t item, int64_t& n, int64_t& q_tile) const {
+    const int64_t rest = item / split_.inner_count();
+    q_tile = rest % q_tiles_;
+    n = split_.flat(rest / q_tiles_, item % split_.inner_count());
+  }
+
+ private:
+  struct SharedSlabDims {
+    bool bool_slab, mask_slab, bias_slab;
+    const AttentionParams& p;
+    explicit SharedSlabDims(const AttentionParams& params)
+        : bool_slab(params.has_bool_mask && params.bool_mask.row_stride != 0),
+          mask_slab(params.mask_add_type != AdditiveType::kNone && params.mask_add.row_stride != 0),
+          bias_slab(params.bias_type != AdditiveType::kNone && params.bias.row_stride != 0),
+          p(params) {}
+    bool operator()(int d) const {
+      return (bool_slab || mask_slab || bias_slab) && (!bool_slab || p.bool_mask.grid_strides[d] == 0) &&
+             (!mask_slab || p.mask_add.grid_strides[d] == 0) && (!bias_slab || p.bias.grid_strides[d] == 0);
+    }
+  };
+  int64_t q_tiles_, numel_;
+  GridSplit split_;
 };
 
 // The key operand of a score product: K's rows (op(B) = K^T, for products with fewer than kBlasMinRows

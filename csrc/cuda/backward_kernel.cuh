@@ -173,7 +173,6 @@ __global__ void __launch_bounds__(kThreads)
   acc_t* delta = smem + layout.delta;
   const acc_t scale = static_cast<acc_t>(p.scale);
   const acc_t* lse_all = static_cast<const acc_t*>(p.lse);
-  acc_t* grad_scores_all = static_cast<acc_t*>(g.grad_scores);
 
   const int64_t q_tiles = ceil_div(p.L, kBlockQ);
   for (int64_t item = blockIdx.x; item < p.grid.numel * q_tiles; item += gridDim.x) {
@@ -182,6 +181,8 @@ __global__ void __launch_bounds__(kThreads)
     const int rows = static_cast<int>(std::min<int64_t>(kBlockQ, p.L - q0));
     const HeadView<scalar_t> head(p, n);
     const scalar_t* grad_out = g.grad_out.ptr<scalar_t>(p.grid, n);
+    // One slab per batch-head here (GradScoresLayout::kPerBatchHead): blocks never write the same element.
+    acc_t* grad_scores_slab = g.grad_scores.data != nullptr ? g.grad_scores_slab<acc_t>(n) : nullptr;
     __syncthreads();  // the previous item is done with shared memory
     load_rows(q_tile, ld_qk, head.q + q0 * p.query.row_stride, p.query.row_stride, rows, kBlockQ, E);
     load_rows(grad_out_tile, ld_v, grad_out + q0 * g.grad_out.row_stride, g.grad_out.row_stride, rows, kBlockQ, Ev);
@@ -204,7 +205,7 @@ __global__ void __launch_bounds__(kThreads)
           ds = prob_and_grad(head, n, q0 + i, k0 + j, q_tile + i * ld_qk, k_tile + j * ld_qk, E,
                              grad_out_tile + i * ld_v, v_tile + j * ld_v, Ev, lse[i], delta[i])
                    .grad_score;
-          if (grad_scores_all != nullptr) grad_scores_all[(n * p.L + q0 + i) * p.S + k0 + j] = ds;
+          if (grad_scores_slab != nullptr) grad_scores_slab[(q0 + i) * p.S + k0 + j] = ds;
         }
         grad_scores[i * ld_s + j] = ds;
       }

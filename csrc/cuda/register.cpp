@@ -60,7 +60,7 @@ TORCH_LIBRARY_IMPL(mha_ext, CUDA, m) {
            const c10::cuda::OptionalCUDAGuard guard(cuda_device_of(q));
            return mha_ext::attention_backward(grad_output, q, k, v, mask, bias, output, lse, grad_lse, is_causal,
                                               scale, mask_requires_grad, bias_requires_grad, dropout_p, rng_state,
-                                              backward_cuda);
+                                              backward_cuda, mha_ext::GradScoresLayout::kPerBatchHead);
          });
   m.impl("attention_weights", [](const at::Tensor& q, const at::Tensor& k, const std::optional<at::Tensor>& mask,
                                  const std::optional<at::Tensor>& bias, const at::Tensor& lse, bool is_causal,
