@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import mha_ext
-from conftest import TOLERANCES, cuda_ready
+from conftest import TOLERANCES, cuda_ready, reference_attention
 
 pytestmark = pytest.mark.skipif(not cuda_ready(), reason="no CUDA device or no CUDA build of mha_ext")
 
@@ -137,6 +137,73 @@ def test_cuda_matches_cpu(case, dtype):
     cpu = run(*make_inputs(CASES[case], dtype, "cpu"))
     cuda = run(*make_inputs(CASES[case], dtype, "cuda"))
     assert_results_close(cuda, cpu, dtype)
+
+
+# fp16/bf16 with E, Ev <= 128 run on the tensor-core forward on sm80+ (docs/cuda.md): head dims that are and
+# are not multiples of its 16-wide tiles, odd L and S spanning several query and key tiles, every mask shape,
+# causal, GQA (Hq = 4, Hkv = 2), against the fp64 reference.
+TENSOR_CORE_DTYPES = [torch.float16, torch.bfloat16]
+TENSOR_CORE_HEAD_DIMS = [(16, 16), (40, 40), (64, 64), (72, 72), (128, 128), (40, 72), (72, 16), (16, 128), (128, 40)]
+TENSOR_CORE_VARIANTS = {
+    "plain": dict(),
+    "bool_2d": dict(mask="bool_2d"),
+    "bool_padding_bias_full": dict(mask="bool_padding", bias="full"),
+    "bool_heads": dict(mask="bool_heads"),
+    "strided_expanded": dict(strided=True, mask="bool_expanded", bias="expanded"),
+    "fully_masked_rows": dict(mask="bool_empty_rows", bias="per_head"),
+    "float_mask_full": dict(mask="float_full"),
+    "float32_mask_row_bias": dict(mask="float32_row", bias="per_head"),
+    "causal_L_lt_S": dict(causal=True),
+    "causal_L_gt_S": dict(causal=True, mask="bool_2d", bias="per_head", L=131, S=67),
+    "single_query": dict(L=1),
+}
+
+
+def tensor_core_case(variant, E, Ev):
+    case = dict(TENSOR_CORE_VARIANTS[variant])
+    L, S = case.pop("L", 67), case.pop("S", 93)
+    return dict(case, shape=(2, 4, 2, L, S, E, Ev))
+
+
+@pytest.mark.parametrize("dtype", TENSOR_CORE_DTYPES)
+@pytest.mark.parametrize("E, Ev", TENSOR_CORE_HEAD_DIMS)
+@pytest.mark.parametrize("variant", list(TENSOR_CORE_VARIANTS))
+def test_tensor_core_forward_matches_reference(variant, E, Ev, dtype):
+    case = tensor_core_case(variant, E, Ev)
+    inputs, _ = make_inputs(case, dtype, "cuda")
+    out, lse = mha_ext.scaled_dot_product_attention(**inputs, return_lse=True)
+    reference_inputs, _ = make_inputs(case, dtype, "cpu")
+    del reference_inputs["enable_gqa"]  # the reference repeats K/V whenever the head counts differ
+    expected_out, expected_lse = reference_attention(**reference_inputs, return_lse=True)
+    assert out.dtype == dtype and lse.dtype == torch.float32
+    torch.testing.assert_close(out.double().cpu(), expected_out, **tolerance(dtype, expected_out))
+    torch.testing.assert_close(lse.double().cpu(), expected_lse, **tolerance(dtype, expected_lse))
+
+
+@pytest.mark.parametrize("dtype", TENSOR_CORE_DTYPES)
+@pytest.mark.parametrize("E, Ev", [(16, 40), (72, 64), (128, 128)])
+@pytest.mark.parametrize("causal", [False, True])
+def test_tensor_core_forward_dropout_equals_reference_with_helper_mask(dtype, E, Ev, causal):
+    gen = torch.Generator().manual_seed(5)
+    L, S, p = 67, 93, 0.3
+    q = randn(gen, 2, 4, L, E, dtype=dtype).cuda()
+    k = randn(gen, 2, 2, S, E, dtype=dtype).cuda()
+    v = randn(gen, 2, 2, S, Ev, dtype=dtype).cuda()
+    pad = torch.rand(2, 1, 1, S, generator=gen) > 0.2
+    state = torch.Generator().manual_seed(9)
+    keep = mha_ext.dropout_mask(q, k, p, generator=state, enable_gqa=True).cpu()
+    state.manual_seed(9)
+    out = mha_ext.scaled_dot_product_attention(q, k, v, attn_mask=pad.cuda(), dropout_p=p, is_causal=causal,
+                                               enable_gqa=True, generator=state)
+
+    rq, rk, rv = (t.double().cpu() for t in (q, k, v))
+    rk, rv = rk.repeat_interleave(2, 1), rv.repeat_interleave(2, 1)
+    scores = (rq @ rk.transpose(-1, -2) / E**0.5).masked_fill(~pad, float("-inf"))
+    if causal:
+        scores = scores.masked_fill(~torch.ones(L, S, dtype=torch.bool).tril(), float("-inf"))
+    probs = torch.softmax(scores, -1).nan_to_num(0.0)
+    expected = (probs * keep / (1 - p)) @ rv
+    torch.testing.assert_close(out.double().cpu(), expected, **tolerance(dtype, expected))
 
 
 def test_fully_masked_rows_are_zero_with_zero_gradients():

@@ -174,11 +174,8 @@ __global__ void __launch_bounds__(kThreads)
   const acc_t scale = static_cast<acc_t>(p.scale);
   const acc_t* lse_all = static_cast<const acc_t*>(p.lse);
 
-  const int64_t q_tiles = ceil_div(p.L, kBlockQ);
-  for (int64_t item = blockIdx.x; item < p.grid.numel * q_tiles; item += gridDim.x) {
-    const int64_t n = item / q_tiles;
-    const int64_t q0 = (item % q_tiles) * kBlockQ;
-    const int rows = static_cast<int>(std::min<int64_t>(kBlockQ, p.L - q0));
+  for (int64_t item = blockIdx.x; item < p.grid.numel * ceil_div(p.L, kBlockQ); item += gridDim.x) {
+    const auto [n, q0, rows] = query_tile<kBlockQ>(p, item);
     const HeadView<scalar_t> head(p, n);
     const scalar_t* grad_out = g.grad_out.ptr<scalar_t>(p.grid, n);
     // One slab per batch-head here (GradScoresLayout::kPerBatchHead): blocks never write the same element.

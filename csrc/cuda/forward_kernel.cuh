@@ -31,11 +31,8 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(const __grid_constant
   acc_t* rescale = smem + layout.rescale;
   const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
 
-  const int64_t q_tiles = ceil_div(p.L, kBlockQ);
-  for (int64_t item = blockIdx.x; item < p.grid.numel * q_tiles; item += gridDim.x) {
-    const int64_t n = item / q_tiles;
-    const int64_t q0 = (item % q_tiles) * kBlockQ;
-    const int rows = static_cast<int>(std::min<int64_t>(kBlockQ, p.L - q0));
+  for (int64_t item = blockIdx.x; item < p.grid.numel * ceil_div(p.L, kBlockQ); item += gridDim.x) {
+    const auto [n, q0, rows] = query_tile<kBlockQ>(p, item);
     const HeadView<scalar_t> head(p, n);
     __syncthreads();  // the previous item is done with shared memory
     load_rows(q_tile, ld_qk, head.q + q0 * p.query.row_stride, p.query.row_stride, rows, kBlockQ, E);

@@ -1,10 +1,11 @@
 // Tile shapes and shared-memory layouts of the CUDA kernels.
 //
-// Every kernel keeps its tiles in shared memory in the accumulation type (fp16/bf16 are widened once, on
-// load), whole rows of the head dim at a time. A layout is a list of offsets computed from the tile
-// shape and the actual E/Ev: the launcher sizes the dynamic shared memory from the same struct the kernel
-// carves it with, so the two cannot disagree. The tile edge of each kernel is the largest power of two
-// whose layout, at the largest head dim of its bucket, fits the shared-memory budget.
+// The CUDA-core kernels keep their tiles in shared memory in the accumulation type (fp16/bf16 are widened
+// once, on load), whole rows of the head dim at a time; the tensor-core forward keeps fp16/bf16 operands.
+// A layout is a list of offsets computed from the tile shape and the actual E/Ev: the launcher sizes the
+// dynamic shared memory from the same struct the kernel carves it with, so the two cannot disagree. The
+// tile edge of each kernel is the largest power of two whose layout, at the largest head dim of its bucket,
+// fits the shared-memory budget.
 #pragma once
 
 #include <cstdint>
@@ -108,6 +109,58 @@ struct TileTraits {
 
   MHA_HOST_DEVICE static Layout layout(int E, int Ev) { return Layout(kBlockQ, kBlockK, E, Ev); }
   static size_t smem_bytes(int E, int Ev) { return size_t(layout(E, Ev).total) * sizeof(acc_t); }
+};
+
+// ---- Tensor-core forward (fp16/bf16 operands, fp32 accumulators; forward_tensor_core_kernel.cuh) ----
+
+// Edge of a WMMA m16n16k16 tile: head dims and key counts are padded up to multiples of it.
+constexpr int kMmaTile = 16;
+// WMMA fragment pointers must be 256-bit aligned: every region and every 16-row strip starts on it.
+constexpr int kMmaAlignBytes = 32;
+constexpr int kMmaOperandBytes = 2;  // fp16 and bf16
+
+MHA_HOST_DEVICE constexpr int round_up(int n, int multiple) { return (n + multiple - 1) / multiple * multiple; }
+
+// Q tile, K and V tiles, the fp32 score tile, the fp16/bf16 probabilities, the fp32 output accumulator and
+// the per-row softmax state. Row lengths (ld_*) are in elements: the padded width plus 16 bytes, which keeps
+// them multiples of 8 (16-bit) / 4 (fp32) elements as WMMA's ldm requires, and shifts consecutive rows by
+// four banks. A 16-row strip then starts 16 * ld elements further on, a multiple of 32 bytes, so fragment
+// pointers stay aligned. Region offsets are in bytes.
+struct ForwardTensorCoreSmem {
+  int ld_qk, ld_v, ld_scores, ld_probs, ld_out;
+  int q, k, v, scores, probs, out, row_max, row_sum, total;
+  MHA_HOST_DEVICE constexpr ForwardTensorCoreSmem(int block_q, int block_k, int E, int Ev)
+      : ld_qk(round_up(E, kMmaTile) + 16 / kMmaOperandBytes),
+        ld_v(round_up(Ev, kMmaTile) + 16 / kMmaOperandBytes),
+        ld_scores(block_k + 16 / 4),
+        ld_probs(block_k + 16 / kMmaOperandBytes),
+        ld_out(round_up(Ev, kMmaTile) + 16 / 4),
+        q(0),
+        k(q + round_up(block_q * ld_qk * kMmaOperandBytes, kMmaAlignBytes)),
+        v(k + round_up(block_k * ld_qk * kMmaOperandBytes, kMmaAlignBytes)),
+        scores(v + round_up(block_k * ld_v * kMmaOperandBytes, kMmaAlignBytes)),
+        probs(scores + round_up(block_q * ld_scores * 4, kMmaAlignBytes)),
+        out(probs + round_up(block_q * ld_probs * kMmaOperandBytes, kMmaAlignBytes)),
+        row_max(out + round_up(block_q * ld_out * 4, kMmaAlignBytes)),
+        row_sum(row_max + block_q * 4),
+        total(row_sum + block_q * 4) {}
+};
+
+// 64 query rows, one 16-row strip per warp; key tiles of 64 or, where that does not fit at the largest head
+// dim of the bucket (64 or 128), 32 keys (the softmax gives each lane whole columns of a 32-multiple).
+template <int kHeadDim_>
+struct ForwardTensorCoreTraits {
+  static constexpr int kHeadDim = kHeadDim_;
+  static constexpr int kBlockQ = kWarps * kMmaTile;
+  static constexpr int kBlockK =
+      ForwardTensorCoreSmem(kBlockQ, 64, kHeadDim, kHeadDim).total <= kSmemBudgetBytes ? 64 : 32;
+  static_assert(ForwardTensorCoreSmem(kBlockQ, kBlockK, kHeadDim, kHeadDim).total <= kSmemBudgetBytes,
+                "the tensor-core forward's tiles do not fit the shared-memory budget");
+
+  MHA_HOST_DEVICE static ForwardTensorCoreSmem layout(int E, int Ev) {
+    return ForwardTensorCoreSmem(kBlockQ, kBlockK, E, Ev);
+  }
+  static size_t smem_bytes(int E, int Ev) { return size_t(layout(E, Ev).total); }
 };
 
 }  // namespace mha_ext::cuda

@@ -23,7 +23,11 @@ std::optional<c10::Device> cuda_device_of(const at::Tensor& query) {
   return query.is_cuda() ? std::optional<c10::Device>(query.device()) : std::nullopt;
 }
 
+// fp16/bf16 run on tensor cores where try_forward_tensor_cores can (sm80+, E and Ev <= 128), the rest on
+// CUDA cores.
 void forward_cuda(const AttentionParams& p, at::ScalarType dtype) {
+  if (dtype == at::kHalf && try_forward_tensor_cores<c10::Half>(p)) return;
+  if (dtype == at::kBFloat16 && try_forward_tensor_cores<c10::BFloat16>(p)) return;
   MHA_DTYPE_SWITCH(dtype, scalar_t, [&] { run_forward<scalar_t>(p); });
 }
 

@@ -5,6 +5,7 @@
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <limits>
 
@@ -50,15 +51,23 @@ __device__ __forceinline__ acc_t dot(const acc_t* a, const acc_t* b, int n) {
   return sum;
 }
 
-// Block-wide: dst[r * ld + c] = src[r * src_ld + c] for r < rows, c < width, converted to the
-// accumulation type; rows [rows, block_rows) are zeroed so that products over padded rows stay finite.
+// Block-wide: dst[r * ld + c] = src[r * src_ld + c] converted to dst_t for r < rows, c < width; the rest of
+// the block_rows x block_width tile is zeroed, so that products over padding rows and columns are 0. Reads
+// nothing outside the rows x width of src.
+template <typename scalar_t, typename dst_t>
+__device__ void load_tile(dst_t* dst, int ld, const scalar_t* src, int64_t src_ld, int rows, int block_rows,
+                          int width, int block_width) {
+  for (int idx = threadIdx.x; idx < block_rows * block_width; idx += kThreads) {
+    const int r = idx / block_width, c = idx % block_width;
+    dst[r * ld + c] = r < rows && c < width ? static_cast<dst_t>(src[r * src_ld + c]) : dst_t{};
+  }
+}
+
+// load_tile for whole rows of `width` columns, converted to the accumulation type.
 template <typename scalar_t, typename acc_t>
 __device__ void load_rows(acc_t* dst, int ld, const scalar_t* src, int64_t src_ld, int rows, int block_rows,
                           int width) {
-  for (int idx = threadIdx.x; idx < block_rows * width; idx += kThreads) {
-    const int r = idx / width, c = idx % width;
-    dst[r * ld + c] = r < rows ? static_cast<acc_t>(src[r * src_ld + c]) : acc_t(0);
-  }
+  load_tile(dst, ld, src, src_ld, rows, block_rows, width, width);
 }
 
 // Block-wide: dst[r * ld + c] = 0 for r < rows, c < width.
@@ -71,6 +80,20 @@ __device__ void zero_rows(acc_t* dst, int ld, int rows, int width) {
 template <typename acc_t>
 __device__ void load_row_values(acc_t* dst, const acc_t* src, int rows, int block_rows, acc_t fill) {
   for (int i = threadIdx.x; i < block_rows; i += kThreads) dst[i] = i < rows ? src[i] : fill;
+}
+
+// A work item of the kernels that loop over (batch-head, query tile) pairs, item = n * query tiles + tile.
+struct QueryTile {
+  int64_t n;   // batch-head
+  int64_t q0;  // first query row
+  int rows;    // query rows in the tile: kBlockQ, fewer in the last tile of a head
+};
+
+template <int kBlockQ>
+__device__ __forceinline__ QueryTile query_tile(const AttentionParams& p, int64_t item) {
+  const int64_t q_tiles = ceil_div(p.L, kBlockQ);
+  const int64_t q0 = item % q_tiles * kBlockQ;
+  return {item / q_tiles, q0, static_cast<int>(std::min<int64_t>(kBlockQ, p.L - q0))};
 }
 
 // Everything about one (batch, query head) pair that the kernels read from global memory.

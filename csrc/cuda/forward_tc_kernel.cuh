@@ -1,0 +1,227 @@
+// Fused attention forward on tensor cores for fp16/bf16 inputs on sm80 and newer: the work items, tile
+// skipping, online softmax and results of forward_kernel.cuh, with the two products S = Q K^T and
+// O += P V done by WMMA m16n16k16 (16-bit operands, fp32 accumulators). Fragments are opaque, so the
+// per-row work (scale, masks, bias, softmax, dropout, rescaling the output) runs on the fp32 scores stored
+// to shared memory, as in the CUDA-core kernel, and the probabilities go back to shared memory as 16-bit
+// operands of P V. Each warp owns a 16-row strip of the query tile from its scores to its output rows, so
+// within a key tile its steps need only __syncwarp; block-wide barriers guard the shared Q, K and V tiles.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+#include <mma.h>
+
+#include <algorithm>
+
+#include "cuda/kernel_traits.cuh"
+#include "cuda/launch_kernel.cuh"
+#include "cuda/tile.cuh"
+
+namespace mha_ext::cuda {
+
+// The CUDA type WMMA takes for each 16-bit input dtype (the same bits, so global memory is read as it), and
+// rounding an fp32 value to it (round to nearest even, as torch converts).
+template <typename scalar_t>
+struct MmaOperand;
+template <>
+struct MmaOperand<c10::Half> {
+  using type = __half;
+  __device__ static type round(float x) { return __float2half_rn(x); }
+};
+template <>
+struct MmaOperand<c10::BFloat16> {
+  using type = __nv_bfloat16;
+  __device__ static type round(float x) { return __float2bfloat16_rn(x); }
+};
+
+// acc += A B over `steps` 16-deep slices: slice s of A is the 16 x 16 tile at a + 16 s (row-major, ld_a), of B
+// the one at b + s * b_step (ld_b, in FragmentB's layout).
+template <typename FragmentA, typename FragmentB, typename FragmentAcc, typename mma_t>
+__device__ __forceinline__ void mma_slices(FragmentAcc& acc, const mma_t* a, int ld_a, const mma_t* b, int64_t b_step,
+                                           int ld_b, int steps) {
+  for (int s = 0; s < steps; ++s) {
+    FragmentA a_frag;
+    FragmentB b_frag;
+    nvcuda::wmma::load_matrix_sync(a_frag, a + s * kMmaTile, ld_a);
+    nvcuda::wmma::load_matrix_sync(b_frag, b + s * b_step, ld_b);
+    nvcuda::wmma::mma_sync(acc, a_frag, b_frag, acc);
+  }
+}
+
+template <typename scalar_t, typename Traits>
+__global__ void __launch_bounds__(kThreads) forward_tensor_core_kernel(const __grid_constant__ AttentionParams p) {
+// bf16 WMMA needs sm80. A build for older targets gets an empty body, which the launcher never runs (it
+// checks the architecture of the kernel's image first).
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  namespace wmma = nvcuda::wmma;
+  using mma_t = typename MmaOperand<scalar_t>::type;
+  // Q and P are the A operands; K^T is read from K's rows as a column-major B, V's rows as a row-major B.
+  using FragmentA = wmma::fragment<wmma::matrix_a, kMmaTile, kMmaTile, kMmaTile, mma_t, wmma::row_major>;
+  using FragmentKt = wmma::fragment<wmma::matrix_b, kMmaTile, kMmaTile, kMmaTile, mma_t, wmma::col_major>;
+  using FragmentV = wmma::fragment<wmma::matrix_b, kMmaTile, kMmaTile, kMmaTile, mma_t, wmma::row_major>;
+  using FragmentAcc = wmma::fragment<wmma::accumulator, kMmaTile, kMmaTile, kMmaTile, float>;
+  constexpr int kBlockQ = Traits::kBlockQ, kBlockK = Traits::kBlockK;
+  constexpr int kColsPerLane = kBlockK / kWarpSize;
+  static_assert(kBlockQ == kWarps * kMmaTile && kBlockK % kWarpSize == 0 && kBlockK % kMmaTile == 0);
+
+  const int E = static_cast<int>(p.E), Ev = static_cast<int>(p.Ev);
+  const int e_steps = static_cast<int>(ceil_div(E, kMmaTile)), ev_tiles = static_cast<int>(ceil_div(Ev, kMmaTile));
+  const auto layout = Traits::layout(E, Ev);
+  const int ld_qk = layout.ld_qk, ld_v = layout.ld_v, ld_s = layout.ld_scores, ld_p = layout.ld_probs,
+            ld_o = layout.ld_out;
+  // Global memory read as the WMMA type, so that loads copy bits without a conversion.
+  const auto as_mma = [](const scalar_t* x) { return reinterpret_cast<const mma_t*>(x); };
+  extern __shared__ __align__(128) unsigned char smem[];
+  mma_t* q_tile = reinterpret_cast<mma_t*>(smem + layout.q);
+  mma_t* k_tile = reinterpret_cast<mma_t*>(smem + layout.k);
+  mma_t* v_tile = reinterpret_cast<mma_t*>(smem + layout.v);
+  float* scores = reinterpret_cast<float*>(smem + layout.scores);
+  mma_t* probs = reinterpret_cast<mma_t*>(smem + layout.probs);
+  float* out_acc = reinterpret_cast<float*>(smem + layout.out);
+  float* row_max = reinterpret_cast<float*>(smem + layout.row_max);
+  float* row_sum = reinterpret_cast<float*>(smem + layout.row_sum);
+  const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
+  const int strip = warp * kMmaTile;  // the warp's first row in the query tile
+
+  for (int64_t item = blockIdx.x; item < p.grid.numel * ceil_div(p.L, kBlockQ); item += gridDim.x) {
+    const auto [n, q0, rows] = query_tile<kBlockQ>(p, item);
+    const HeadView<scalar_t> head(p, n);
+    __syncthreads();  // the previous item is done with shared memory
+    load_tile(q_tile, ld_qk, as_mma(head.q) + q0 * p.query.row_stride, p.query.row_stride, rows, kBlockQ, E,
+              e_steps * kMmaTile);
+    zero_rows(out_acc, ld_o, kBlockQ, ev_tiles * kMmaTile);
+    for (int i = threadIdx.x; i < kBlockQ; i += kThreads) {
+      row_max[i] = neg_inf<float>();
+      row_sum[i] = 0.f;
+    }
+    // A strip wholly past the last row has nothing to compute; its warp still joins every barrier.
+    const bool strip_has_rows = strip < rows;
+
+    const int64_t k_end = p.is_causal ? std::min<int64_t>(p.S, q0 + rows) : p.S;
+    for (int64_t k0 = 0; k0 < k_end; k0 += kBlockK) {
+      const int cols = static_cast<int>(std::min<int64_t>(kBlockK, k_end - k0));
+      if (!head.tile_has_work(q0, rows, k0, cols)) continue;
+      // Keys [cols, kBlockK) and head-dim columns up to the next multiple of 16 are zero.
+      load_tile(k_tile, ld_qk, as_mma(head.k) + k0 * p.key.row_stride, p.key.row_stride, cols, kBlockK, E,
+                e_steps * kMmaTile);
+      load_tile(v_tile, ld_v, as_mma(head.v) + k0 * p.value.row_stride, p.value.row_stride, cols, kBlockK, Ev,
+                ev_tiles * kMmaTile);
+      __syncthreads();
+      if (strip_has_rows) {
+        const int key_steps = static_cast<int>(ceil_div(cols, kMmaTile));
+
+        // Dot products of the strip's query rows with the tile's keys (columns past key_steps * 16 are not
+        // computed, and not read below).
+        for (int jt = 0; jt < key_steps; ++jt) {
+          FragmentAcc dots;
+          wmma::fill_fragment(dots, 0.f);
+          // Slices along the head dim: the next 16 columns of Q's rows and of K's rows (K^T's rows).
+          mma_slices<FragmentA, FragmentKt>(dots, q_tile + strip * ld_qk, ld_qk, k_tile + jt * kMmaTile * ld_qk,
+                                            kMmaTile, ld_qk, e_steps);
+          wmma::store_matrix_sync(scores + strip * ld_s + jt * kMmaTile, dots, ld_s, wmma::mem_row_major);
+        }
+        __syncwarp();
+
+        // Online softmax row by row, as in forward_kernel.cuh: the probabilities exp(s - new max) that
+        // dropout keeps go to `probs` as 16-bit operands (0 for dropped pairs and for padding rows and
+        // columns); the row's running sum is updated and its output row rescaled in place. Dropout's
+        // 1 / (1 - p) is applied to the output in fp32 at the end: fp16 cannot hold e / (1 - p) for p near 1.
+        for (int r = 0; r < kMmaTile; ++r) {
+          const int i = strip + r;
+          float s[kColsPerLane];
+          float tile_max = neg_inf<float>();
+#pragma unroll
+          for (int c = 0; c < kColsPerLane; ++c) {
+            const int j = lane + c * kWarpSize;
+            s[c] = i < rows && j < cols ? head.score(q0 + i, k0 + j, scores[i * ld_s + j]) : neg_inf<float>();
+            tile_max = max_acc(tile_max, s[c]);
+          }
+          tile_max = warp_max(tile_max);
+          const float old_max = row_max[i];
+          const float new_max = max_acc(old_max, tile_max);
+          // A row whose maximum is -inf has nothing to attend: shifting by 0 keeps exp() at 0, not NaN.
+          const float shift = new_max == neg_inf<float>() ? 0.f : new_max;
+          const float factor = old_max == neg_inf<float>() ? 0.f : exp_acc(old_max - shift);
+          float tile_sum = 0.f;
+#pragma unroll
+          for (int c = 0; c < kColsPerLane; ++c) {
+            const int j = lane + c * kWarpSize;
+            const float prob = exp_acc(s[c] - shift);
+            tile_sum += prob;  // the normaliser sums the probabilities before dropout
+            const bool kept = dropout_factor<float>(p.dropout, n, q0 + i, k0 + j) != 0.f;
+            probs[i * ld_p + j] = MmaOperand<scalar_t>::round(kept ? prob : 0.f);
+          }
+          tile_sum = warp_sum(tile_sum);
+          for (int e = lane; e < ev_tiles * kMmaTile; e += kWarpSize) out_acc[i * ld_o + e] *= factor;
+          __syncwarp();  // every lane has read row_max[i] before lane 0 overwrites it
+          if (lane == 0) {
+            row_max[i] = new_max;
+            row_sum[i] = row_sum[i] * factor + tile_sum;
+          }
+        }
+        __syncwarp();  // the probabilities and rescaled output rows are in place for the fragment loads
+
+        // out strip += P V over the tile's keys; padding keys have P = 0 and V = 0.
+        for (int t = 0; t < ev_tiles; ++t) {
+          float* out_tile = out_acc + strip * ld_o + t * kMmaTile;
+          FragmentAcc out_frag;
+          wmma::load_matrix_sync(out_frag, out_tile, ld_o, wmma::mem_row_major);
+          // Slices along the keys: the next 16 columns of P's rows and the next 16 rows of V.
+          mma_slices<FragmentA, FragmentV>(out_frag, probs + strip * ld_p, ld_p, v_tile + t * kMmaTile,
+                                           kMmaTile * ld_v, ld_v, key_steps);
+          wmma::store_matrix_sync(out_tile, out_frag, ld_o, wmma::mem_row_major);
+        }
+      }
+      __syncthreads();  // before the next tile overwrites K and V
+    }
+    __syncthreads();  // out_acc and the row state are complete (also when every tile was skipped)
+
+    // keep_scale is 1 without dropout and 0 when it drops everything.
+    const float keep_scale = static_cast<float>(p.dropout.keep_scale);
+    scalar_t* out = static_cast<scalar_t*>(p.out) + (n * p.L + q0) * p.Ev;
+    for (int idx = threadIdx.x; idx < rows * Ev; idx += kThreads) {
+      const int i = idx / Ev, e = idx % Ev;
+      const float inv = row_sum[i] > 0.f ? keep_scale / row_sum[i] : 0.f;
+      out[int64_t(i) * Ev + e] = static_cast<scalar_t>(out_acc[i * ld_o + e] * inv);
+    }
+    float* lse = static_cast<float*>(p.lse) + n * p.L + q0;
+    for (int i = threadIdx.x; i < rows; i += kThreads)
+      lse[i] = row_sum[i] > 0.f ? row_max[i] + log_acc(row_sum[i]) : neg_inf<float>();
+  }
+#endif
+}
+
+// Whether the image of `kernel` that runs on the current device was compiled for sm80 or newer. A build
+// without such a target (TORCH_CUDA_ARCH_LIST="7.5", or 7.5 PTX JIT-compiled for a newer GPU) holds only
+// the empty body; a device the build has no image for at all is left to the CUDA-core kernel's launch to
+// report.
+template <typename Kernel>
+bool has_sm80_image(Kernel* kernel) {
+  cudaFuncAttributes attributes;
+  if (cudaFuncGetAttributes(&attributes, kernel) != cudaSuccess) {
+    (void)cudaGetLastError();  // clear it, so that it is not taken for the next launch's error
+    return false;
+  }
+  return attributes.ptxVersion >= 80;
+}
+
+template <typename scalar_t, int kHeadDim>
+bool launch_forward_tensor_cores(const AttentionParams& p) {
+  using Traits = ForwardTensorCoreTraits<kHeadDim>;
+  const auto kernel = forward_tensor_core_kernel<scalar_t, Traits>;
+  if (!has_sm80_image(kernel)) return false;
+  launch_kernel(kernel, p.grid.numel * ceil_div(p.L, Traits::kBlockQ),
+                Traits::smem_bytes(static_cast<int>(p.E), static_cast<int>(p.Ev)), p);
+  return true;
+}
+
+template <typename scalar_t>
+bool try_forward_tensor_cores(const AttentionParams& p) {
+  const int64_t head_dim = std::max(p.E, p.Ev);
+  if (head_dim > kMaxTensorCoreHeadDim) return false;
+  return head_dim <= 64 ? launch_forward_tensor_cores<scalar_t, 64>(p)
+                        : launch_forward_tensor_cores<scalar_t, kMaxTensorCoreHeadDim>(p);
+}
+
+}  // namespace mha_ext::cuda
