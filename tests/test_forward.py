@@ -314,3 +314,21 @@ def test_thread_count_does_not_change_results():
     finally:
         torch.set_num_threads(threads)
     assert torch.equal(one, many)
+
+
+def test_keys_beyond_the_transposed_key_ring():
+    # Each thread keeps K^T of its kv head in a ring of at most 8 MiB (csrc/cpu/key_tiles.h): with E = 256
+    # that is 8192 keys, so S = 8300 wraps it, and the two query heads sharing the kv head (GQA) reuse it.
+    gen = torch.Generator().manual_seed(31)
+    q, k, v = make_qkv(1, 2, 1, 70, 8300, 256, 256, torch.float32, "cpu", gen)
+    mask = torch.rand(1, 1, 70, 8300, generator=gen) > 0.2
+    grad_out = torch.randn(1, 2, 70, 256, generator=gen)
+    inputs = [t.clone().requires_grad_() for t in (q, k, v)]
+    out = mha_ext.scaled_dot_product_attention(*inputs, attn_mask=mask, enable_gqa=True)
+    out.backward(grad_out)
+    reference_inputs = [t.double().requires_grad_() for t in (q, k, v)]
+    expected = reference_attention(*reference_inputs, attn_mask=mask)
+    expected.backward(grad_out.double())
+    assert_close_to_reference(out, expected, torch.float32)
+    for ours, ref in zip(inputs, reference_inputs):
+        torch.testing.assert_close(ours.grad.double(), ref.grad, atol=1e-4, rtol=1e-4)
