@@ -1,7 +1,7 @@
 // Small row-major matrix products for attention tiles.
 //
-// The products run on the BLAS that torch itself links (MKL on x86 wheels), found at run time, so tiles
-// get the same GEMM engine as torch's own fused CPU attention; where no BLAS symbol is present (or
+// Untransposed float products run on torch's batch-reduce GEMM (oneDNN brgemm), the others on the BLAS
+// torch links (MKL on x86 wheels), found at run time; where no BLAS symbol is present (or
 // MHA_EXT_CPU_GEMM=native), a vectorised fallback computes the same products.
 #pragma once
 
@@ -22,7 +22,7 @@ void gemm(Trans trans_a, Trans trans_b, int64_t M, int64_t N, int64_t K, float a
 void gemm(Trans trans_a, Trans trans_b, int64_t M, int64_t N, int64_t K, double alpha, const double* A,
           int64_t lda, const double* B, int64_t ldb, double beta, double* C, int64_t ldc);
 
-// "blas" or "native": which engine gemm() uses in this process.
+// "blas" (brgemm + BLAS, as above) or "native": which engines gemm() uses in this process.
 const char* gemm_engine();
 
 }  // namespace mha_ext::cpu
