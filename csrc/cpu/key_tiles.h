@@ -25,15 +25,14 @@ class KeyTiles {
                                              std::max<int64_t>(ceil_div(p.S, tile), 1))),
         S_(p.S),
         transposed_(p.E * capacity_),
-        rows_(kChunk * p.E),
-        tile_rows_(tile * p.E),
+        rows_(tile * p.E),
         owner_(capacity_ / kChunk, -1) {}
 
   // Key columns [k0, k0 + cols) of head's kv head: K^T from the ring, or the key rows themselves when the
   // product has fewer than kBlasMinRows query rows (decode), which streams K once without a transposition.
   template <typename Head>
   KeyOperand<acc_t> columns(const Head& head, int64_t k0, int64_t cols, int64_t query_rows) {
-    if (query_rows < kBlasMinRows) return {head.key_rows(k0, cols, tile_rows_.data()), false};
+    if (query_rows < kBlasMinRows) return {head.key_rows(k0, cols, rows_.data()), false};
     if (head.k != head_key_) {
       std::fill(owner_.begin(), owner_.end(), int64_t(-1));
       head_key_ = head.k;
@@ -53,7 +52,7 @@ class KeyTiles {
   static constexpr int64_t kChunk = kSpanChunk;  // tiles are trimmed to chunks: transpose no more than that
   static constexpr int64_t kMaxBytes = int64_t(8) << 20;
   int64_t E_, capacity_, S_;
-  Scratch<acc_t> transposed_, rows_, tile_rows_;
+  Scratch<acc_t> transposed_, rows_;  // rows_: key rows in the accumulation type, a chunk or a whole tile
   std::vector<int64_t> owner_;
   const void* head_key_ = nullptr;
 };
