@@ -18,6 +18,19 @@ TOLERANCES = {
 }
 
 
+def at_thread_counts(run):
+    """[run() with 1 torch thread, run() with max(2, current) threads]; the thread count is restored."""
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for n in (1, max(2, threads)):
+            torch.set_num_threads(n)
+            results.append(run())
+    finally:
+        torch.set_num_threads(threads)
+    return results
+
+
 def cuda_ready() -> bool:
     return torch.cuda.is_available() and mha_ext.build_info()["cuda"]
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import mha_ext
-from conftest import DEVICES, TOLERANCES, reference_attention
+from conftest import DEVICES, TOLERANCES, at_thread_counts, reference_attention
 
 
 def leaf(t):
@@ -135,16 +135,12 @@ def test_backward_is_bitwise_deterministic(device):
 def test_backward_does_not_depend_on_thread_count():
     gen = torch.Generator().manual_seed(23)
     q, k, v = (torch.randn(1, 2, 257, 16, generator=gen) for _ in range(3))
-    threads = torch.get_num_threads()
-    results = []
-    try:
-        for n in (1, max(2, threads)):
-            torch.set_num_threads(n)
-            inputs = [leaf(t) for t in (q, k, v)]
-            mha_ext.scaled_dot_product_attention(*inputs, is_causal=True).sum().backward()
-            results.append([t.grad for t in inputs])
-    finally:
-        torch.set_num_threads(threads)
+    def grads():
+        inputs = [leaf(t) for t in (q, k, v)]
+        mha_ext.scaled_dot_product_attention(*inputs, is_causal=True).sum().backward()
+        return [t.grad for t in inputs]
+
+    results = at_thread_counts(grads)
     for a, b in zip(*results):
         assert torch.equal(a, b)
 
@@ -172,16 +168,12 @@ def test_shared_bias_gradient_does_not_depend_on_thread_count():
     gen = torch.Generator().manual_seed(24)
     q, k, v = (torch.randn(3, 2, 130, 16, generator=gen) for _ in range(3))
     bias = torch.randn(2, 130, 130, generator=gen)
-    threads = torch.get_num_threads()
-    results = []
-    try:
-        for n in (1, max(2, threads)):
-            torch.set_num_threads(n)
-            inputs = [leaf(t) for t in (q, k, v, bias)]
-            mha_ext.scaled_dot_product_attention(*inputs[:3], attn_bias=inputs[3]).square().sum().backward()
-            results.append([t.grad for t in inputs])
-    finally:
-        torch.set_num_threads(threads)
+    def grads():
+        inputs = [leaf(t) for t in (q, k, v, bias)]
+        mha_ext.scaled_dot_product_attention(*inputs[:3], attn_bias=inputs[3]).square().sum().backward()
+        return [t.grad for t in inputs]
+
+    results = at_thread_counts(grads)
     for a, b in zip(*results):
         assert torch.equal(a, b)
     ref_inputs = [leaf(t.double()) for t in (q, k, v, bias)]

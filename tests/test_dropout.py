@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import mha_ext
-from conftest import DEVICES
+from conftest import DEVICES, at_thread_counts
 
 M0, M1, W0, W1 = 0xD2511F53, 0xCD9E8D57, 0x9E3779B9, 0xBB67AE85
 MASK32 = 0xFFFFFFFF
@@ -143,16 +143,11 @@ def test_seeded_runs_reproduce_and_consecutive_calls_differ():
 
 def test_result_does_not_depend_on_thread_count():
     q, k, v = (torch.randn(2, 3, 130, 16, requires_grad=True) for _ in range(3))
-    threads = torch.get_num_threads()
-    results = []
-    try:
-        for n in (1, max(2, threads)):
-            torch.set_num_threads(n)
-            out = mha_ext.scaled_dot_product_attention(q, k, v, dropout_p=0.3, generator=torch.Generator().manual_seed(5))
-            results.append((out, torch.autograd.grad(out.sum(), (q, k, v))))
-    finally:
-        torch.set_num_threads(threads)
-    (out1, g1), (out2, g2) = results
+    def run():
+        out = mha_ext.scaled_dot_product_attention(q, k, v, dropout_p=0.3, generator=torch.Generator().manual_seed(5))
+        return out, torch.autograd.grad(out.sum(), (q, k, v))
+
+    (out1, g1), (out2, g2) = at_thread_counts(run)
     assert torch.equal(out1, out2) and all(torch.equal(a, b) for a, b in zip(g1, g2))
 
 

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import mha_ext
-from conftest import DEVICES, assert_close_to_reference, reference_attention
+from conftest import DEVICES, at_thread_counts, assert_close_to_reference, reference_attention
 
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
 LENGTHS = [1, 7, 33, 257]
@@ -305,14 +305,7 @@ def test_native_gemm_fallback_matches_reference():
 def test_thread_count_does_not_change_results():
     gen = torch.Generator().manual_seed(19)
     q, k, v = make_qkv(2, 3, 3, 130, 200, 32, 32, torch.float32, "cpu", gen)
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        one = mha_ext.scaled_dot_product_attention(q, k, v, is_causal=True)
-        torch.set_num_threads(max(2, threads))
-        many = mha_ext.scaled_dot_product_attention(q, k, v, is_causal=True)
-    finally:
-        torch.set_num_threads(threads)
+    one, many = at_thread_counts(lambda: mha_ext.scaled_dot_product_attention(q, k, v, is_causal=True))
     assert torch.equal(one, many)
 
 
