@@ -3,6 +3,7 @@
 #include <torch/version.h>
 
 #include "cpu/gemm.h"
+#include "cpu/row_ops.h"
 
 namespace {
 
@@ -10,9 +11,10 @@ py::dict build_info() {
   py::dict info;
   info["torch_version"] = TORCH_VERSION;
 #if defined(__AVX2__) && defined(__FMA__)
-  info["cpu_isa"] = "avx2+fma";
+  // The kernels' own ISA, and the one their softmax row passes picked at run time (avx2 or avx512).
+  info["cpu_isa"] = std::string("avx2+fma, row passes ") + mha_ext::cpu::row_ops().isa;
 #else
-  info["cpu_isa"] = "baseline";
+  info["cpu_isa"] = std::string("baseline, row passes ") + mha_ext::cpu::row_ops().isa;
 #endif
   info["cpu_gemm"] = mha_ext::cpu::gemm_engine();
 #if defined(MHA_EXT_WITH_CUDA)

@@ -274,8 +274,14 @@ def test_attention_weights_match_reference_softmax(device, dtype):
     torch.testing.assert_close(reused, weights, atol=0, rtol=0)
 
 
-def test_native_gemm_fallback_matches_reference():
-    """The kernels' portable matrix products (used where torch exports no BLAS) give the same results."""
+@pytest.mark.parametrize("env, info_key, expected", [
+    ({"MHA_EXT_CPU_GEMM": "native"}, "cpu_gemm", "native"),
+    ({"MHA_EXT_CPU_ISA": "avx2"}, "cpu_isa", "row passes avx2"),
+], ids=["native_gemm", "avx2_row_passes"])
+def test_fallback_engines_match_reference(env, info_key, expected):
+    """The portable matrix products (used where torch exports no BLAS) and the AVX2 softmax row passes (used
+    on CPUs without AVX-512) give the same results: forward and gradients in float64, forward in float32
+    (whose row passes are the vectorised ones), with odd sizes for the row tails."""
     import subprocess
     import sys
     import os
@@ -283,7 +289,7 @@ def test_native_gemm_fallback_matches_reference():
     code = (
         "import torch, mha_ext, sys; sys.path.insert(0, 'tests');"
         "from conftest import reference_attention, assert_close_to_reference;"
-        "assert mha_ext.build_info()['cpu_gemm'] == 'native';"
+        f"assert {expected!r} in mha_ext.build_info()[{info_key!r}], mha_ext.build_info();"
         "g = torch.Generator().manual_seed(5);"
         "q, k, v = (torch.randn(2, 3, n, 24, generator=g, dtype=torch.float64) for n in (37, 70, 70));"
         "m = torch.rand(2, 1, 37, 70, generator=g) > 0.3;"
@@ -294,11 +300,16 @@ def test_native_gemm_fallback_matches_reference():
         "g_out = torch.randn_like(out);"
         "out.backward(g_out); reference_attention(qr, kr, vr, attn_mask=m, is_causal=True).backward(g_out);"
         "[torch.testing.assert_close(a.grad, b.grad) for a, b in ((qa, qr), (ka, kr), (va, vr))];"
+        "qf, kf, vf = (t.float().requires_grad_() for t in (q, k, v));"
+        "out = mha_ext.scaled_dot_product_attention(qf, kf, vf, attn_mask=m, is_causal=True);"
+        "assert_close_to_reference(out, reference_attention(q, k, v, attn_mask=m, is_causal=True), torch.float32);"
+        "out.backward(g_out.float());"
+        "[torch.testing.assert_close(a.grad.double(), b.grad, atol=1e-4, rtol=1e-4) for a, b in ((qf, qr), (kf, kr), (vf, vr))];"
         "print('ok')"
     )
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     result = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True,
-                            env={**os.environ, "MHA_EXT_CPU_GEMM": "native"}, timeout=120)
+                            env={**os.environ, **env}, timeout=120)
     assert result.returncode == 0 and "ok" in result.stdout, result.stderr
 
 

@@ -118,13 +118,12 @@ void backward_kernel(const AttentionGradParams& g) {
               acc_t* p_row = probs + i * kBlockK;
               acc_t* ds_row = dscores + i * kBlockK;
               const acc_t lse = lse_all[n * L + q0 + i];
+              const acc_t d = delta[n * L + q0 + i];
               if (lse == kNegInf<acc_t>) {
                 std::fill(p_row, p_row + cols, acc_t(0));  // nothing attended: no gradient
-              } else {
+                std::fill(ds_row, ds_row + cols, acc_t(0));
+              } else if (p.dropout.active) {
                 exp_shifted_sum(p_row, cols, lse);
-              }
-              const acc_t d = delta[n * L + q0 + i];
-              if (p.dropout.active) {
                 // ds_row holds dO V^T, the gradient of the dropped probabilities Z * P / (1 - p):
                 // dS = P * (Z * dP / (1 - p) - delta), and dV takes the dropped probabilities.
                 const acc_t keep_scale = static_cast<acc_t>(p.dropout.keep_scale);
@@ -134,7 +133,7 @@ void backward_kernel(const AttentionGradParams& g) {
                   p_row[j] *= z;
                 });
               } else {
-                for (int64_t j = 0; j < cols; ++j) ds_row[j] = p_row[j] * (ds_row[j] - d);
+                softmax_grad(p_row, ds_row, cols, lse, d);
               }
               if (grad_scores != nullptr) {
                 acc_t* slab_row = grad_scores + (q0 + i) * S + k0;

@@ -14,6 +14,7 @@
 #include "attention/head_pointers.h"
 #include "attention/params.h"
 #include "cpu/gemm.h"
+#include "cpu/row_ops.h"
 
 namespace mha_ext::cpu {
 
@@ -279,23 +280,7 @@ struct HeadView : HeadPointers<scalar_t> {
 };
 
 // x[j] = exp(x[j] - shift) for j < n; returns the sum. exp(-inf) = 0.
-inline float exp_shifted_sum(float* x, int64_t n, float shift) {
-  using Vec = at::vec::Vectorized<float>;
-  const Vec vshift(shift);
-  Vec vsum(0.f);
-  int64_t j = 0;
-  for (; j + Vec::size() <= n; j += Vec::size()) {
-    Vec e = (Vec::loadu(x + j) - vshift).exp_u20();
-    e.store(x + j);
-    vsum = vsum + e;
-  }
-  float sum = at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return a + b; }, vsum);
-  for (; j < n; ++j) {
-    x[j] = std::exp(x[j] - shift);
-    sum += x[j];
-  }
-  return sum;
-}
+inline float exp_shifted_sum(float* x, int64_t n, float shift) { return row_ops().exp_shifted_sum(x, n, shift); }
 
 inline double exp_shifted_sum(double* x, int64_t n, double shift) {
   double sum = 0;
@@ -306,9 +291,20 @@ inline double exp_shifted_sum(double* x, int64_t n, double shift) {
   return sum;
 }
 
-template <typename acc_t>
-acc_t row_max(const acc_t* x, int64_t n) {
-  return at::vec::reduce_all<acc_t>([](auto& a, auto& b) { return at::vec::maximum(a, b); }, x, n);
+inline float row_max(const float* x, int64_t n) { return row_ops().max(x, n); }
+
+inline double row_max(const double* x, int64_t n) {
+  return at::vec::reduce_all<double>([](auto& a, auto& b) { return at::vec::maximum(a, b); }, x, n);
+}
+
+// p[j] = exp(p[j] - lse), then ds[j] = p[j] * (ds[j] - delta): the probabilities and dS of one row.
+inline void softmax_grad(float* p, float* ds, int64_t n, float lse, float delta) {
+  row_ops().softmax_grad(p, ds, n, lse, delta);
+}
+
+inline void softmax_grad(double* p, double* ds, int64_t n, double lse, double delta) {
+  exp_shifted_sum(p, n, lse);
+  for (int64_t j = 0; j < n; ++j) ds[j] = p[j] * (ds[j] - delta);
 }
 
 // A row whose maximum is -inf has nothing to attend: shifting by 0 keeps exp() at 0 instead of NaN.

@@ -1,0 +1,66 @@
+// The AVX2 row passes (at::vec, compiled with the kernels' flags) and the choice between them and the
+// AVX-512 ones.
+#include "cpu/row_ops.h"
+
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <limits>
+
+namespace mha_ext::cpu {
+namespace {
+
+using Vec = at::vec::Vectorized<float>;
+
+float max_avx2(const float* x, int64_t n) {
+  if (n == 0) return -std::numeric_limits<float>::infinity();
+  return at::vec::reduce_all<float>([](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, x, n);
+}
+
+float exp_shifted_sum_avx2(float* x, int64_t n, float shift) {
+  const Vec vshift(shift);
+  Vec vsum(0.f);
+  int64_t j = 0;
+  for (; j + Vec::size() <= n; j += Vec::size()) {
+    Vec e = (Vec::loadu(x + j) - vshift).exp_u20();
+    e.store(x + j);
+    vsum = vsum + e;
+  }
+  float sum = at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return a + b; }, vsum);
+  for (; j < n; ++j) {
+    x[j] = std::exp(x[j] - shift);
+    sum += x[j];
+  }
+  return sum;
+}
+
+void softmax_grad_avx2(float* p, float* ds, int64_t n, float lse, float delta) {
+  exp_shifted_sum_avx2(p, n, lse);
+  for (int64_t j = 0; j < n; ++j) ds[j] = p[j] * (ds[j] - delta);
+}
+
+#if defined(__AVX2__)
+constexpr const char* kBaseIsa = "avx2";
+#else
+constexpr const char* kBaseIsa = "baseline";
+#endif
+constexpr RowOps kAvx2RowOps{kBaseIsa, max_avx2, exp_shifted_sum_avx2, softmax_grad_avx2};
+
+const RowOps& choose_row_ops() {
+  const char* env = std::getenv("MHA_EXT_CPU_ISA");
+  const bool force_avx2 = env != nullptr && std::strcmp(env, "avx2") == 0;
+  const RowOps* wide = force_avx2 ? nullptr : avx512_row_ops();
+  return wide != nullptr ? *wide : kAvx2RowOps;
+}
+
+}  // namespace
+
+const RowOps& row_ops() {
+  static const RowOps& ops = choose_row_ops();
+  return ops;
+}
+
+}  // namespace mha_ext::cpu

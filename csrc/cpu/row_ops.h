@@ -1,0 +1,28 @@
+// The float row passes of the softmax (row maximum, shifted exponentials, the softmax gradient), in the
+// widest vector ISA this CPU has: AVX-512 where present, else AVX2. The kernels are compiled for AVX2, so
+// the AVX-512 versions live in their own file with per-function target attributes and are picked once, at
+// run time (MHA_EXT_CPU_ISA=avx2 forces the AVX2 versions).
+#pragma once
+
+#include <cstdint>
+
+namespace mha_ext::cpu {
+
+struct RowOps {
+  const char* isa;
+  // max(x[0:n]); -inf for n == 0.
+  float (*max)(const float* x, int64_t n);
+  // x[j] = exp(x[j] - shift) for j < n; returns their sum. exp(-inf) = 0.
+  float (*exp_shifted_sum)(float* x, int64_t n, float shift);
+  // p[j] = exp(p[j] - lse) (the probabilities from the scores and the row's LSE), then
+  // ds[j] = p[j] * (ds[j] - delta) (dP in, dS out).
+  void (*softmax_grad)(float* p, float* ds, int64_t n, float lse, float delta);
+};
+
+// The row passes for this process, chosen on first use.
+const RowOps& row_ops();
+
+// The AVX-512 versions, or nullptr where this CPU (or its OS) lacks AVX-512 F/BW/DQ/VL.
+const RowOps* avx512_row_ops();
+
+}  // namespace mha_ext::cpu

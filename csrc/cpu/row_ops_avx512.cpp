@@ -1,0 +1,105 @@
+// The AVX-512 row passes: 16 lanes where the kernels' AVX2 code has 8, and masked loads and stores for
+// the row tails. Only intrinsics and per-function target attributes are used here (no header code is
+// compiled for AVX-512), so nothing AVX-512 can leak into code that runs on an AVX2-only CPU.
+#include "cpu/row_ops.h"
+
+#if defined(__x86_64__) && defined(__GNUC__)
+
+#include <immintrin.h>
+
+#include <limits>
+
+#define MHA_EXT_AVX512 __attribute__((target("avx512f,avx512dq,avx512bw,avx512vl,fma")))
+
+namespace mha_ext::cpu {
+namespace {
+
+MHA_EXT_AVX512 inline __mmask16 tail_mask(int64_t remaining) {
+  return static_cast<__mmask16>((1u << remaining) - 1u);
+}
+
+// exp(x) = 2^k exp(r) with k = round(x / ln 2) and |r| <= ln(2) / 2, exp(r) by Cephes' expf polynomial
+// (about 1 ulp). Below ln(FLT_MIN) the result is 0 (so exp(-inf) = 0 exactly); NaN stays NaN.
+MHA_EXT_AVX512 inline __m512 exp16(__m512 x) {
+  const __m512 lowest = _mm512_set1_ps(-87.33654475f);
+  const __mmask16 underflow = _mm512_cmp_ps_mask(x, lowest, _CMP_LT_OQ);
+  x = _mm512_min_ps(_mm512_set1_ps(88.7228391f), x);  // min/max return the second operand for NaN
+  x = _mm512_max_ps(lowest, x);
+  const __m512 k =
+      _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504089f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  // r = x - k ln 2, with ln 2 split in two so that k * ln2_hi is exact.
+  __m512 r = _mm512_fnmadd_ps(k, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(k, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 poly = _mm512_set1_ps(1.9875691500e-4f);
+  poly = _mm512_fmadd_ps(poly, r, _mm512_set1_ps(1.3981999507e-3f));
+  poly = _mm512_fmadd_ps(poly, r, _mm512_set1_ps(8.3334519073e-3f));
+  poly = _mm512_fmadd_ps(poly, r, _mm512_set1_ps(4.1665795894e-2f));
+  poly = _mm512_fmadd_ps(poly, r, _mm512_set1_ps(1.6666665459e-1f));
+  poly = _mm512_fmadd_ps(poly, r, _mm512_set1_ps(5.0000001201e-1f));
+  const __m512 exp_r = _mm512_add_ps(_mm512_fmadd_ps(poly, _mm512_mul_ps(r, r), r), _mm512_set1_ps(1.f));
+  return _mm512_maskz_mov_ps(static_cast<__mmask16>(~underflow), _mm512_scalef_ps(exp_r, k));
+}
+
+MHA_EXT_AVX512 float max_avx512(const float* x, int64_t n) {
+  const __m512 neg_inf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  __m512 acc = neg_inf;
+  int64_t j = 0;
+  for (; j + 16 <= n; j += 16) acc = _mm512_max_ps(acc, _mm512_loadu_ps(x + j));
+  if (j < n) acc = _mm512_max_ps(acc, _mm512_mask_loadu_ps(neg_inf, tail_mask(n - j), x + j));
+  return _mm512_reduce_max_ps(acc);
+}
+
+MHA_EXT_AVX512 float exp_shifted_sum_avx512(float* x, int64_t n, float shift) {
+  const __m512 vshift = _mm512_set1_ps(shift);
+  __m512 sum = _mm512_setzero_ps();
+  int64_t j = 0;
+  for (; j + 16 <= n; j += 16) {
+    const __m512 e = exp16(_mm512_sub_ps(_mm512_loadu_ps(x + j), vshift));
+    _mm512_storeu_ps(x + j, e);
+    sum = _mm512_add_ps(sum, e);
+  }
+  if (j < n) {
+    const __mmask16 mask = tail_mask(n - j);
+    const __m512 e = _mm512_maskz_mov_ps(mask, exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(mask, x + j), vshift)));
+    _mm512_mask_storeu_ps(x + j, mask, e);
+    sum = _mm512_add_ps(sum, e);
+  }
+  return _mm512_reduce_add_ps(sum);
+}
+
+MHA_EXT_AVX512 void softmax_grad_avx512(float* p, float* ds, int64_t n, float lse, float delta) {
+  const __m512 vlse = _mm512_set1_ps(lse), vdelta = _mm512_set1_ps(delta);
+  int64_t j = 0;
+  for (; j + 16 <= n; j += 16) {
+    const __m512 prob = exp16(_mm512_sub_ps(_mm512_loadu_ps(p + j), vlse));
+    _mm512_storeu_ps(p + j, prob);
+    _mm512_storeu_ps(ds + j, _mm512_mul_ps(prob, _mm512_sub_ps(_mm512_loadu_ps(ds + j), vdelta)));
+  }
+  if (j < n) {
+    const __mmask16 mask = tail_mask(n - j);
+    const __m512 prob = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(mask, p + j), vlse));
+    _mm512_mask_storeu_ps(p + j, mask, prob);
+    _mm512_mask_storeu_ps(ds + j, mask, _mm512_mul_ps(prob, _mm512_sub_ps(_mm512_maskz_loadu_ps(mask, ds + j), vdelta)));
+  }
+}
+
+constexpr RowOps kAvx512RowOps{"avx512", max_avx512, exp_shifted_sum_avx512, softmax_grad_avx512};
+
+}  // namespace
+
+const RowOps* avx512_row_ops() {
+  __builtin_cpu_init();
+  const bool has_avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
+                          __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl");
+  return has_avx512 ? &kAvx512RowOps : nullptr;
+}
+
+}  // namespace mha_ext::cpu
+
+#else
+
+namespace mha_ext::cpu {
+const RowOps* avx512_row_ops() { return nullptr; }
+}  // namespace mha_ext::cpu
+
+#endif
