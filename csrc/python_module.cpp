@@ -17,6 +17,8 @@ py::dict build_info() {
   info["cpu_isa"] = std::string("baseline, row passes ") + mha_ext::cpu::row_ops().isa;
 #endif
   info["cpu_gemm"] = mha_ext::cpu::gemm_engine();
+  // "vnni": bf16 tiles multiplied as bf16 (AMX / AVX512-BF16, oneDNN); "float": widened to float32.
+  info["cpu_bf16_products"] = mha_ext::cpu::bf16_vnni_available() ? "vnni" : "float";
 #if defined(MHA_EXT_WITH_CUDA)
   info["cuda"] = true;
   info["cuda_archs"] = MHA_EXT_CUDA_ARCHS;

@@ -19,6 +19,7 @@ def describe() -> dict:
         "cpu": cpu_model(),
         "cpu ISA (kernels)": built["cpu_isa"],
         "cpu GEMM engine": built["cpu_gemm"],
+        "cpu bf16 products": built["cpu_bf16_products"],
         "threads": torch.get_num_threads(),
         "cuda kernels": built["cuda_archs"] if built["cuda"] else "none (CPU-only build)",
         "cuda device": torch.cuda.get_device_name() if torch.cuda.is_available() else "none",

@@ -31,8 +31,10 @@ def test_build_for_another_torch_is_refused_naming_both_versions(monkeypatch):
 
 def test_build_info_names_what_was_built():
     info = mha_ext.build_info()
-    assert set(info) == {"torch_version", "cpu_isa", "cpu_gemm", "cuda", "cuda_archs"}
+    assert set(info) == {"torch_version", "cpu_isa", "cpu_gemm", "cpu_bf16_products", "cuda", "cuda_archs"}
     assert info["cpu_gemm"] in ("blas", "native")
+    assert info["cpu_bf16_products"] in ("vnni", "float")
+    assert info["cpu_isa"].endswith(("row passes avx2", "row passes avx512", "row passes baseline"))
     assert info["torch_version"] == torch.__version__.split("+")[0]
 
 

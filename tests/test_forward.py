@@ -336,3 +336,36 @@ def test_keys_beyond_the_transposed_key_ring():
     assert_close_to_reference(out, expected, torch.float32)
     for ours, ref in zip(inputs, reference_inputs):
         torch.testing.assert_close(ours.grad.double(), ref.grad, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("case", ["odd_spans", "unaligned_views", "ring_wraps", "odd_head_dim"])
+def test_bf16_tile_products_match_reference(case):
+    """bf16 inputs multiplied as bf16 (the VNNI tile products, where the CPU has them) and widened to float32
+    (torch.backends.mkldnn off) both match the fp64 reference: odd key spans under causality and a bool mask
+    (the padded pair column), views whose rows start at odd bf16 offsets, keys beyond the per-thread ring
+    of packed K^T/V with GQA, and an odd head dim (which always widens)."""
+    gen = torch.Generator().manual_seed(zlib.crc32(case.encode()))
+    mask = None
+    if case == "odd_spans":
+        q, k, v = make_qkv(2, 4, 2, 131, 197, 64, 96, torch.bfloat16, "cpu", gen)
+        mask = torch.rand(2, 1, 131, 197, generator=gen) > 0.3
+    elif case == "unaligned_views":
+        wide = torch.randn(2, 37, 3, 3, 33, generator=gen).to(torch.bfloat16)  # fused projection, one pad column
+        q, k, v = (wide[:, :, i, :, 1:].transpose(1, 2) for i in range(3))  # rows start at odd offsets
+        mask = torch.rand(2, 1, 1, 37, generator=gen) > 0.2
+    elif case == "ring_wraps":
+        # K^T and V of a kv head take (E + Ev) * 2 bytes per key; the 8 MiB ring holds 8192 keys at E = Ev = 256.
+        q, k, v = make_qkv(1, 2, 1, 70, 8300, 256, 256, torch.bfloat16, "cpu", gen)
+    else:
+        q, k, v = make_qkv(2, 3, 3, 40, 50, 15, 16, torch.bfloat16, "cpu", gen)
+    expected = reference_attention(q, k, v, attn_mask=mask, is_causal=case != "ring_wraps")
+    for mkldnn in (True, False):
+        previous, torch.backends.mkldnn.enabled = torch.backends.mkldnn.enabled, mkldnn
+        try:
+            products = mha_ext.build_info()["cpu_bf16_products"]
+            out = mha_ext.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=case != "ring_wraps",
+                                                       enable_gqa=True)
+        finally:
+            torch.backends.mkldnn.enabled = previous
+        assert products == "float" or mkldnn, "VNNI products must not run with torch.backends.mkldnn off"
+        assert_close_to_reference(out, expected, torch.bfloat16)

@@ -7,6 +7,7 @@
 #include "attention/entry.h"
 #include "cpu/dropout.h"
 #include "cpu/key_tiles.h"
+#include "cpu/vnni_tiles.h"
 
 namespace mha_ext::cpu {
 namespace {
@@ -14,15 +15,113 @@ namespace {
 constexpr int64_t kBlockQ = 64;
 constexpr int64_t kBlockK = 512;
 
+// The `drop` of the products' probabilities() without dropout.
+struct NoDropout {
+  template <typename T>
+  void operator()(T*) const {}
+};
+
+// The forward's two tile products, S = scale Q K^T + masks and O += P V, in the accumulation type: Q scaled
+// into a copy, K^T from KeyTiles, P in place in the score tile.
 template <typename scalar_t>
+class FloatTileProducts {
+ public:
+  using acc_t = acc_type<scalar_t>;
+  explicit FloatTileProducts(const AttentionParams& p)
+      : q_buf_(kBlockQ * p.E), v_buf_(kBlockK * p.Ev), keys_(p, kBlockK) {}
+
+  void start_query_tile(const HeadView<scalar_t>& head, int64_t q0, int64_t rows) {
+    q_scaled_ = head.scaled_query_rows(q0, rows, q_buf_.data());
+  }
+  void scores(const HeadView<scalar_t>& head, int64_t q0, int64_t rows, int64_t k0, int64_t cols, acc_t* s) {
+    head.score_tile(q0, rows, k0, cols, q_scaled_, keys_.columns(head, k0, cols, rows), s, kBlockK);
+  }
+  acc_t row_max_of_scores(acc_t* s_row, int64_t cols) const { return row_max(s_row, cols); }
+  // s_row = exp(s_row - shift), then `drop` applied to it; returns the sum before dropout.
+  template <typename Drop>
+  acc_t probabilities(acc_t* s_row, int64_t, int64_t cols, acc_t shift, Drop drop) {
+    const acc_t sum = exp_shifted_sum(s_row, cols, shift);
+    drop(s_row);
+    return sum;
+  }
+  void accumulate_values(const HeadView<scalar_t>& head, int64_t rows, int64_t k0, int64_t cols, const acc_t* s,
+                         acc_t* o) {
+    const auto v_rows = head.value_rows(k0, cols, v_buf_.data());
+    gemm(Trans::kNo, Trans::kNo, rows, head.p.Ev, cols, acc_t(1), s, kBlockK, v_rows.data, v_rows.ld, acc_t(1), o,
+         head.p.Ev);
+  }
+  void finish() {}
+
+ private:
+  Scratch<acc_t> q_buf_, v_buf_;
+  KeyTiles<acc_t> keys_;
+  RowsView<acc_t> q_scaled_{nullptr, 0};
+};
+
+// The same products on bf16 operands (AMX / AVX512-BF16 through gemm_bf16_vnni), accumulating in float:
+// Q read in place, the scale applied to the float scores, K^T and V in VNNI layout from VnniKeyValueTiles,
+// and P rounded to bf16 (as torch's own CPU kernel does), its columns padded to an even count.
+class Bf16TileProducts {
+ public:
+  using acc_t = float;
+  explicit Bf16TileProducts(const AttentionParams& p)
+      : probs_(kBlockQ * kBlockK),
+        tiles_(p, kBlockK),
+        scale_(static_cast<float>(p.scale)),
+        has_masks_(p.is_causal || p.has_bool_mask || p.mask_add_type != AdditiveType::kNone ||
+                   p.bias_type != AdditiveType::kNone) {}
+
+  void start_query_tile(const HeadView<c10::BFloat16>& head, int64_t q0, int64_t) {
+    q_ = head.q + q0 * head.p.query.row_stride;
+  }
+  void scores(const HeadView<c10::BFloat16>& head, int64_t q0, int64_t rows, int64_t k0, int64_t cols, float* s) {
+    operands_ = tiles_.columns(head, k0, cols);
+    gemm_bf16_vnni(rows, cols, head.p.E, q_, head.p.query.row_stride, operands_.keys_t, operands_.keys_ld,
+                   /*add_to_c=*/false, s, kBlockK);
+    // Without masks the scale is applied by the row maximum's pass (row_max_of_scores), saving a pass.
+    if (has_masks_) head.apply_masks(q0, rows, k0, cols, s, kBlockK, scale_);
+  }
+  float row_max_of_scores(float* s_row, int64_t cols) const {
+    return has_masks_ ? row_max(s_row, cols) : row_ops().scale_max(s_row, cols, scale_);
+  }
+  template <typename Drop>
+  float probabilities(float* s_row, int64_t i, int64_t cols, float shift, Drop drop) {
+    uint16_t* p_row = reinterpret_cast<uint16_t*>(probs_.data() + i * kBlockK);
+    float sum;
+    if constexpr (std::is_same_v<Drop, NoDropout>) {
+      sum = row_ops().exp_shifted_sum_bf16(s_row, cols, shift, p_row);
+    } else {
+      sum = exp_shifted_sum(s_row, cols, shift);
+      drop(s_row);
+      row_ops().to_bf16(s_row, cols, p_row);
+    }
+    if (cols % 2 != 0) p_row[cols] = 0;  // the pad column of the even inner dimension
+    return sum;
+  }
+  void accumulate_values(const HeadView<c10::BFloat16>& head, int64_t rows, int64_t, int64_t cols, const float*,
+                         float* o) {
+    gemm_bf16_vnni(rows, head.p.Ev, cols + cols % 2, probs_.data(), kBlockK, operands_.values, head.p.Ev,
+                   /*add_to_c=*/true, o, head.p.Ev);
+  }
+  void finish() { release_tile_state(); }
+
+ private:
+  Scratch<c10::BFloat16> probs_;
+  VnniKeyValueTiles tiles_;
+  float scale_;
+  bool has_masks_;
+  const c10::BFloat16* q_ = nullptr;
+  VnniKeyValueTiles::Operands operands_{};
+};
+
+template <typename scalar_t, typename Products>
 void forward_kernel(const AttentionParams& p) {
   using acc_t = acc_type<scalar_t>;
-  const int64_t L = p.L, S = p.S, E = p.E, Ev = p.Ev;
+  const int64_t L = p.L, S = p.S, Ev = p.Ev;
   const WorkOrder order(p, ceil_div(L, kBlockQ));
   at::parallel_for(0, order.count(), 1, [&](int64_t begin, int64_t end) {
-    Scratch<acc_t> q_buf(kBlockQ * E), v_buf(kBlockK * Ev), scores(kBlockQ * kBlockK), acc(kBlockQ * Ev),
-        row_max_buf(kBlockQ), row_sum_buf(kBlockQ);
-    KeyTiles<acc_t> keys(p, kBlockK);
+    Scratch<acc_t> scores(kBlockQ * kBlockK), acc(kBlockQ * Ev), row_max_buf(kBlockQ), row_sum_buf(kBlockQ);
+    Products products(p);
     acc_t* s = scores.data();
     acc_t* o = acc.data();
     acc_t* m = row_max_buf.data();
@@ -33,7 +132,7 @@ void forward_kernel(const AttentionParams& p) {
       const int64_t q0 = q_tile * kBlockQ;
       const int64_t rows = std::min(kBlockQ, L - q0);
       const HeadView<scalar_t> head(p, n);
-      const auto q_scaled = head.scaled_query_rows(q0, rows, q_buf.data());
+      products.start_query_tile(head, q0, rows);
       std::fill(m, m + rows, kNegInf<acc_t>);
       std::fill(l, l + rows, acc_t(0));
       std::fill(o, o + rows * Ev, acc_t(0));
@@ -43,15 +142,18 @@ void forward_kernel(const AttentionParams& p) {
         const ColumnSpan span = head.active_columns(q0, rows, tile_k0, std::min(kBlockK, k_end - tile_k0));
         if (span.empty()) continue;
         const int64_t k0 = tile_k0 + span.begin, cols = span.size();
-        head.score_tile(q0, rows, k0, cols, q_scaled, keys.columns(head, k0, cols, rows), s, kBlockK);
+        products.scores(head, q0, rows, k0, cols, s);
         for (int64_t i = 0; i < rows; ++i) {
           acc_t* s_row = s + i * kBlockK;
-          const acc_t new_max = std::max(m[i], row_max(s_row, cols));
+          const acc_t new_max = std::max(m[i], products.row_max_of_scores(s_row, cols));
           const acc_t shift = safe_shift(new_max);
           const acc_t rescale = m[i] == kNegInf<acc_t> ? acc_t(0) : std::exp(m[i] - shift);
-          const acc_t tile_sum = exp_shifted_sum(s_row, cols, shift);
           // The normaliser sums the probabilities before dropout; only the values' weights are dropped.
-          if (p.dropout.active) apply_dropout_row(p.dropout, n, q0 + i, k0, cols, s_row);
+          const acc_t tile_sum =
+              p.dropout.active
+                  ? products.probabilities(s_row, i, cols, shift,
+                                           [&](acc_t* row) { apply_dropout_row(p.dropout, n, q0 + i, k0, cols, row); })
+                  : products.probabilities(s_row, i, cols, shift, NoDropout{});
           if (rescale != acc_t(1)) {
             acc_t* o_row = o + i * Ev;
             for (int64_t e = 0; e < Ev; ++e) o_row[e] *= rescale;
@@ -59,8 +161,7 @@ void forward_kernel(const AttentionParams& p) {
           l[i] = l[i] * rescale + tile_sum;
           m[i] = new_max;
         }
-        const auto v_rows = head.value_rows(k0, cols, v_buf.data());
-        gemm(Trans::kNo, Trans::kNo, rows, Ev, cols, acc_t(1), s, kBlockK, v_rows.data, v_rows.ld, acc_t(1), o, Ev);
+        products.accumulate_values(head, rows, k0, cols, s, o);
       }
 
       scalar_t* out = static_cast<scalar_t*>(p.out) + (n * L + q0) * Ev;
@@ -72,12 +173,18 @@ void forward_kernel(const AttentionParams& p) {
         lse[i] = l[i] > acc_t(0) ? m[i] + std::log(l[i]) : kNegInf<acc_t>;
       }
     }
+    products.finish();
   });
 }
 
 void forward_cpu(const AttentionParams& p, at::ScalarType dtype) {
+  // Decode-sized queries (fewer than kBlasMinRows rows) stream K and V once instead of packing them.
+  if (dtype == at::kBFloat16 && p.L >= kBlasMinRows && use_vnni_tiles(p)) {
+    forward_kernel<c10::BFloat16, Bf16TileProducts>(p);
+    return;
+  }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dtype, "mha_ext_attention_forward_cpu",
-                                  [&] { forward_kernel<scalar_t>(p); });
+                                  [&] { forward_kernel<scalar_t, FloatTileProducts<scalar_t>>(p); });
 }
 
 }  // namespace

@@ -5,6 +5,8 @@
 // MHA_EXT_CPU_GEMM=native), a vectorised fallback computes the same products.
 #pragma once
 
+#include <c10/util/BFloat16.h>
+
 #include <cstdint>
 
 namespace mha_ext::cpu {
@@ -21,6 +23,21 @@ void gemm(Trans trans_a, Trans trans_b, int64_t M, int64_t N, int64_t K, float a
           int64_t lda, const float* B, int64_t ldb, float beta, float* C, int64_t ldc);
 void gemm(Trans trans_a, Trans trans_b, int64_t M, int64_t N, int64_t K, double alpha, const double* A,
           int64_t lda, const double* B, int64_t ldb, double beta, double* C, int64_t ldc);
+
+// bfloat16 tile products on oneDNN's brgemm (AMX tiles where the CPU has them): C (M x N, float) (+)= A B
+// with A (M x K) row-major bf16 and B in VNNI layout, (K / 2) rows of N bf16 pairs (B[2i][j], B[2i+1][j]),
+// ld_b pairs apart; K even. Only where bf16_vnni_available() says so.
+void gemm_bf16_vnni(int64_t M, int64_t N, int64_t K, const c10::BFloat16* A, int64_t lda, const c10::BFloat16* B,
+                    int64_t ldb, bool add_to_c, float* C, int64_t ldc);
+
+// Whether gemm_bf16_vnni runs in this process now: torch's GEMMs in use (not MHA_EXT_CPU_GEMM=native),
+// oneDNN enabled (torch.backends.mkldnn, checked per call), and a self-test product on first use gave the
+// right numbers (where the CPU lacks AMX, torch's fallback would misread the VNNI layout).
+bool bf16_vnni_available();
+
+// Gives back the AMX tile state a thread's gemm_bf16_vnni calls configured; call at the end of a parallel
+// region's work.
+void release_tile_state();
 
 // "blas" (brgemm + BLAS, as above) or "native": which engines gemm() uses in this process.
 const char* gemm_engine();

@@ -20,6 +20,11 @@ float max_avx2(const float* x, int64_t n) {
   return at::vec::reduce_all<float>([](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, x, n);
 }
 
+float scale_max_avx2(float* x, int64_t n, float scale) {
+  for (int64_t j = 0; j < n; ++j) x[j] *= scale;
+  return max_avx2(x, n);
+}
+
 float exp_shifted_sum_avx2(float* x, int64_t n, float shift) {
   const Vec vshift(shift);
   Vec vsum(0.f);
@@ -37,6 +42,16 @@ float exp_shifted_sum_avx2(float* x, int64_t n, float shift) {
   return sum;
 }
 
+void to_bf16_avx2(const float* x, int64_t n, uint16_t* out) {
+  at::vec::convert(x, reinterpret_cast<c10::BFloat16*>(out), n);
+}
+
+float exp_shifted_sum_bf16_avx2(float* x, int64_t n, float shift, uint16_t* out) {
+  const float sum = exp_shifted_sum_avx2(x, n, shift);
+  to_bf16_avx2(x, n, out);
+  return sum;
+}
+
 void softmax_grad_avx2(float* p, float* ds, int64_t n, float lse, float delta) {
   exp_shifted_sum_avx2(p, n, lse);
   for (int64_t j = 0; j < n; ++j) ds[j] = p[j] * (ds[j] - delta);
@@ -47,7 +62,8 @@ constexpr const char* kBaseIsa = "avx2";
 #else
 constexpr const char* kBaseIsa = "baseline";
 #endif
-constexpr RowOps kAvx2RowOps{kBaseIsa, max_avx2, exp_shifted_sum_avx2, softmax_grad_avx2};
+constexpr RowOps kAvx2RowOps{kBaseIsa, max_avx2, scale_max_avx2, exp_shifted_sum_avx2, exp_shifted_sum_bf16_avx2, to_bf16_avx2,
+                              softmax_grad_avx2};
 
 const RowOps& choose_row_ops() {
   const char* env = std::getenv("MHA_EXT_CPU_ISA");

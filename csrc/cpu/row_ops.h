@@ -12,8 +12,15 @@ struct RowOps {
   const char* isa;
   // max(x[0:n]); -inf for n == 0.
   float (*max)(const float* x, int64_t n);
+  // x[j] *= scale for j < n; returns max(x[0:n]) after scaling.
+  float (*scale_max)(float* x, int64_t n, float scale);
   // x[j] = exp(x[j] - shift) for j < n; returns their sum. exp(-inf) = 0.
   float (*exp_shifted_sum)(float* x, int64_t n, float shift);
+  // out[j] = bf16(exp(x[j] - shift)) (round to nearest even) for j < n; returns the sum of the float values.
+  // x may be overwritten. out holds the bit patterns of c10::BFloat16.
+  float (*exp_shifted_sum_bf16)(float* x, int64_t n, float shift, uint16_t* out);
+  // out[j] = bf16(x[j]), round to nearest even.
+  void (*to_bf16)(const float* x, int64_t n, uint16_t* out);
   // p[j] = exp(p[j] - lse) (the probabilities from the scores and the row's LSE), then
   // ds[j] = p[j] * (ds[j] - delta) (dP in, dS out).
   void (*softmax_grad)(float* p, float* ds, int64_t n, float lse, float delta);

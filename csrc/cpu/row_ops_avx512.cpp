@@ -49,6 +49,25 @@ MHA_EXT_AVX512 float max_avx512(const float* x, int64_t n) {
   return _mm512_reduce_max_ps(acc);
 }
 
+MHA_EXT_AVX512 float scale_max_avx512(float* x, int64_t n, float scale) {
+  const __m512 neg_inf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  const __m512 vscale = _mm512_set1_ps(scale);
+  __m512 acc = neg_inf;
+  int64_t j = 0;
+  for (; j + 16 <= n; j += 16) {
+    const __m512 v = _mm512_mul_ps(_mm512_loadu_ps(x + j), vscale);
+    _mm512_storeu_ps(x + j, v);
+    acc = _mm512_max_ps(acc, v);
+  }
+  if (j < n) {
+    const __mmask16 mask = tail_mask(n - j);
+    const __m512 v = _mm512_mul_ps(_mm512_maskz_loadu_ps(mask, x + j), vscale);
+    _mm512_mask_storeu_ps(x + j, mask, v);
+    acc = _mm512_mask_max_ps(acc, mask, acc, v);
+  }
+  return _mm512_reduce_max_ps(acc);
+}
+
 MHA_EXT_AVX512 float exp_shifted_sum_avx512(float* x, int64_t n, float shift) {
   const __m512 vshift = _mm512_set1_ps(shift);
   __m512 sum = _mm512_setzero_ps();
@@ -67,6 +86,41 @@ MHA_EXT_AVX512 float exp_shifted_sum_avx512(float* x, int64_t n, float shift) {
   return _mm512_reduce_add_ps(sum);
 }
 
+// Round to nearest even, as c10::BFloat16 does: add 0x7fff plus the lowest kept bit, keep the top half.
+MHA_EXT_AVX512 inline __m256i bf16_bits(__m512 v) {
+  const __m512i bits = _mm512_castps_si512(v);
+  const __m512i lowest_kept = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+  const __m512i rounded = _mm512_add_epi32(bits, _mm512_add_epi32(lowest_kept, _mm512_set1_epi32(0x7fff)));
+  return _mm512_cvtepi32_epi16(_mm512_srli_epi32(rounded, 16));
+}
+
+MHA_EXT_AVX512 float exp_shifted_sum_bf16_avx512(float* x, int64_t n, float shift, uint16_t* out) {
+  const __m512 vshift = _mm512_set1_ps(shift);
+  __m512 sum = _mm512_setzero_ps();
+  int64_t j = 0;
+  for (; j + 16 <= n; j += 16) {
+    const __m512 e = exp16(_mm512_sub_ps(_mm512_loadu_ps(x + j), vshift));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + j), bf16_bits(e));
+    sum = _mm512_add_ps(sum, e);
+  }
+  if (j < n) {
+    const __mmask16 mask = tail_mask(n - j);
+    const __m512 e = _mm512_maskz_mov_ps(mask, exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(mask, x + j), vshift)));
+    _mm256_mask_storeu_epi16(out + j, mask, bf16_bits(e));
+    sum = _mm512_add_ps(sum, e);
+  }
+  return _mm512_reduce_add_ps(sum);
+}
+
+MHA_EXT_AVX512 void to_bf16_avx512(const float* x, int64_t n, uint16_t* out) {
+  int64_t j = 0;
+  for (; j + 16 <= n; j += 16) _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + j), bf16_bits(_mm512_loadu_ps(x + j)));
+  if (j < n) {
+    const __mmask16 mask = tail_mask(n - j);
+    _mm256_mask_storeu_epi16(out + j, mask, bf16_bits(_mm512_maskz_loadu_ps(mask, x + j)));
+  }
+}
+
 MHA_EXT_AVX512 void softmax_grad_avx512(float* p, float* ds, int64_t n, float lse, float delta) {
   const __m512 vlse = _mm512_set1_ps(lse), vdelta = _mm512_set1_ps(delta);
   int64_t j = 0;
@@ -83,7 +137,8 @@ MHA_EXT_AVX512 void softmax_grad_avx512(float* p, float* ds, int64_t n, float ls
   }
 }
 
-constexpr RowOps kAvx512RowOps{"avx512", max_avx512, exp_shifted_sum_avx512, softmax_grad_avx512};
+constexpr RowOps kAvx512RowOps{"avx512", max_avx512, scale_max_avx512, exp_shifted_sum_avx512, exp_shifted_sum_bf16_avx512,
+                               to_bf16_avx512, softmax_grad_avx512};
 
 }  // namespace
 

@@ -223,9 +223,19 @@ struct HeadView : HeadPointers<scalar_t> {
                   KeyOperand<acc_t> keys, acc_t* scores, int64_t ld) const {
     gemm(Trans::kNo, keys.transposed ? Trans::kNo : Trans::kYes, rows, cols, p.E, acc_t(1), q_scaled.data,
          q_scaled.ld, keys.view.data, keys.view.ld, acc_t(0), scores, ld);
+    apply_masks(q0, rows, k0, cols, scores, ld);
+  }
+
+  // scores = pre_scale * scores + additive masks, -inf where masked (the tile at rows q0, columns k0).
+  template <typename acc_t>
+  void apply_masks(int64_t q0, int64_t rows, int64_t k0, int64_t cols, acc_t* scores, int64_t ld,
+                   acc_t pre_scale = acc_t(1)) const {
     for (int64_t i = 0; i < rows; ++i) {
       acc_t* s = scores + i * ld;
       const int64_t row = q0 + i;
+      if (pre_scale != acc_t(1)) {
+        for (int64_t j = 0; j < cols; ++j) s[j] *= pre_scale;
+      }
       add_additive(p.mask_add_type, mask_add, p.mask_add, row, k0, cols, s);
       add_additive(p.bias_type, bias, p.bias, row, k0, cols, s);
       if (bool_mask != nullptr) {
