@@ -179,3 +179,36 @@ def test_shared_bias_gradient_does_not_depend_on_thread_count():
     ref_inputs = [leaf(t.double()) for t in (q, k, v, bias)]
     reference_attention(*ref_inputs[:3], attn_bias=ref_inputs[3]).square().sum().backward()
     torch.testing.assert_close(results[0][3].double(), ref_inputs[3].grad, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("case", ["odd_tiles", "unaligned_views", "odd_value_dim"])
+def test_bf16_tile_product_gradients_match_reference(case):
+    """bf16 gradients from the VNNI tile products (where the CPU has them) and from tiles widened to float32
+    (torch.backends.mkldnn off) both match the fp64 reference: odd query and key tile sizes (the padded pair
+    rows and columns), rows starting at odd bf16 offsets, and an odd value dim (which always widens)."""
+    gen = torch.Generator().manual_seed(len(case))
+    randn = lambda *s: torch.randn(*s, generator=gen).to(torch.bfloat16)
+    if case == "odd_tiles":
+        q, k, v = randn(2, 4, 131, 64), randn(2, 2, 197, 64), randn(2, 2, 197, 96)
+    elif case == "unaligned_views":
+        wide = randn(2, 37, 3, 3, 33)  # a fused projection with one pad column: rows start at odd offsets
+        q, k, v = (wide[:, :, i, :, 1:].transpose(1, 2) for i in range(3))
+    else:
+        q, k, v = randn(1, 2, 40, 16), randn(1, 2, 50, 16), randn(1, 2, 50, 15)
+    mask = torch.rand(q.shape[0], 1, q.shape[2], k.shape[2], generator=gen) > 0.3
+    grad_out = randn(*q.shape[:-1], v.shape[-1])
+    ref_inputs = [leaf(t.double()) for t in (q, k, v)]
+    reference_attention(*ref_inputs, attn_mask=mask, is_causal=True).backward(grad_out.double())
+    atol, rtol = TOLERANCES[torch.bfloat16]
+    for mkldnn in (True, False):
+        inputs = [leaf(t) for t in (q, k, v)]
+        previous, torch.backends.mkldnn.enabled = torch.backends.mkldnn.enabled, mkldnn
+        try:
+            out = mha_ext.scaled_dot_product_attention(*inputs, attn_mask=mask, is_causal=True, enable_gqa=True)
+            out.backward(grad_out)
+        finally:
+            torch.backends.mkldnn.enabled = previous
+        for name, ours, ref in zip("qkv", inputs, ref_inputs):
+            bound = atol * 10 + rtol * ref.grad.abs().max().item()
+            torch.testing.assert_close(ours.grad.double(), ref.grad, atol=bound, rtol=rtol * 10,
+                                       msg=f"{name}, mkldnn={mkldnn}")

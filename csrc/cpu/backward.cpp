@@ -10,6 +10,7 @@
 #include "attention/entry.h"
 #include "cpu/dropout.h"
 #include "cpu/key_tiles.h"
+#include "cpu/vnni_tiles.h"
 
 namespace mha_ext::cpu {
 namespace {
@@ -45,7 +46,124 @@ void compute_delta(const AttentionGradParams& g, acc_t* delta) {
   });
 }
 
+// The backward's tile products in the accumulation type: S = (scale Q) K^T + masks, dP = dO V^T, and
+// dV += P^T dO, dK += dS^T (scale Q), dQ += dS (scale K), on untransposed products (P and dS transposed here).
 template <typename scalar_t>
+class FloatGradProducts {
+ public:
+  using acc_t = acc_type<scalar_t>;
+  explicit FloatGradProducts(const AttentionParams& p)
+      : q_buf_(kBlockQ * p.E), do_buf_(kBlockQ * p.Ev), k_buf_(kBlockK * p.E), v_buf_(kBlockK * p.Ev),
+        vt_buf_(p.Ev * kBlockK), pt_buf_(kBlockK * kBlockQ), dst_buf_(kBlockK * kBlockQ), keys_(p, kBlockK) {}
+
+  void start_key_tile(const HeadView<scalar_t>& kv_head, int64_t k0, int64_t cols) {
+    k_scaled_ = kv_head.scaled_key_rows(k0, cols, k_buf_.data());
+    const auto v_rows = kv_head.value_rows(k0, cols, v_buf_.data());
+    transpose(cols, kv_head.p.Ev, v_rows.data, v_rows.ld, vt_buf_.data(), kBlockK);
+  }
+  void start_query_tile(const HeadView<scalar_t>& head, int64_t q0, int64_t rows, const scalar_t* d_out,
+                        int64_t d_out_stride) {
+    q_scaled_ = head.scaled_query_rows(q0, rows, q_buf_.data());
+    do_rows_ = rows_as_acc(d_out + q0 * d_out_stride, d_out_stride, rows, head.p.Ev, do_buf_.data());
+  }
+  // probs = S, dscores = dP.
+  void scores_and_grad_probs(const HeadView<scalar_t>& head, const HeadView<scalar_t>& kv_head, int64_t q0,
+                             int64_t rows, int64_t k0, int64_t cols, acc_t* probs, acc_t* dscores) {
+    head.score_tile(q0, rows, k0, cols, q_scaled_, keys_.columns(kv_head, k0, cols, rows), probs, kBlockK);
+    gemm(Trans::kNo, Trans::kNo, rows, cols, head.p.Ev, acc_t(1), do_rows_.data, do_rows_.ld, vt_buf_.data(),
+         kBlockK, acc_t(0), dscores, kBlockK);
+  }
+  void accumulate(int64_t E, int64_t Ev, int64_t rows, int64_t cols, const acc_t* probs, const acc_t* dscores,
+                  acc_t* dk, acc_t* dv, acc_t* dq) {
+    transpose(rows, cols, probs, kBlockK, pt_buf_.data(), kBlockQ);
+    transpose(rows, cols, dscores, kBlockK, dst_buf_.data(), kBlockQ);
+    gemm(Trans::kNo, Trans::kNo, cols, Ev, rows, acc_t(1), pt_buf_.data(), kBlockQ, do_rows_.data, do_rows_.ld,
+         acc_t(1), dv, Ev);
+    gemm(Trans::kNo, Trans::kNo, cols, E, rows, acc_t(1), dst_buf_.data(), kBlockQ, q_scaled_.data, q_scaled_.ld,
+         acc_t(1), dk, E);
+    gemm(Trans::kNo, Trans::kNo, rows, E, cols, acc_t(1), dscores, kBlockK, k_scaled_.data, k_scaled_.ld, acc_t(1),
+         dq, E);
+  }
+  void finish() {}
+
+ private:
+  Scratch<acc_t> q_buf_, do_buf_, k_buf_, v_buf_, vt_buf_, pt_buf_, dst_buf_;
+  KeyTiles<acc_t> keys_;
+  RowsView<acc_t> q_scaled_{nullptr, 0}, do_rows_{nullptr, 0}, k_scaled_{nullptr, 0};
+};
+
+// The same products on bf16 operands (gemm_bf16_vnni), accumulating in float: Q, dO read in place for S
+// and dP; K^T, V^T and K packed in VNNI layout once per key tile, Q and dO once per query tile; P and
+// scale * dS (the scale of dK and dQ) rounded to bf16, padded to even inner dimensions with zeros.
+class Bf16GradProducts {
+ public:
+  using acc_t = float;
+  using bf16 = c10::BFloat16;
+  explicit Bf16GradProducts(const AttentionParams& p)
+      : scale_(static_cast<float>(p.scale)), keys_t_(p.E * kBlockK), values_t_(p.Ev * kBlockK),
+        key_pairs_(kBlockK * p.E), query_pairs_(kBlockQ * p.E), d_out_pairs_(kBlockQ * p.Ev),
+        pt_f_(kBlockK * kBlockQ), dst_f_(kBlockK * kBlockQ), pt_(kBlockK * kBlockQ), dst_(kBlockK * kBlockQ),
+        ds_(kBlockQ * kBlockK) {}
+
+  void start_key_tile(const HeadView<bf16>& kv_head, int64_t k0, int64_t cols) {
+    const AttentionParams& p = kv_head.p;
+    const bf16* k = kv_head.k + k0 * p.key.row_stride;
+    const bf16* v = kv_head.v + k0 * p.value.row_stride;
+    constexpr int64_t kPairBytes = 2 * sizeof(bf16);
+    transpose32(cols, p.E / 2, k, p.key.row_stride * sizeof(bf16), keys_t_.data(), kBlockK * kPairBytes);
+    transpose32(cols, p.Ev / 2, v, p.value.row_stride * sizeof(bf16), values_t_.data(), kBlockK * kPairBytes);
+    interleave_row_pairs(cols, p.E, k, p.key.row_stride, key_pairs_.data());
+  }
+  void start_query_tile(const HeadView<bf16>& head, int64_t q0, int64_t rows, const bf16* d_out,
+                        int64_t d_out_stride) {
+    q_ = head.q + q0 * head.p.query.row_stride;
+    d_out_ = d_out + q0 * d_out_stride;
+    d_out_stride_ = d_out_stride;
+    interleave_row_pairs(rows, head.p.E, q_, head.p.query.row_stride, query_pairs_.data());
+    interleave_row_pairs(rows, head.p.Ev, d_out_, d_out_stride, d_out_pairs_.data());
+  }
+  void scores_and_grad_probs(const HeadView<bf16>& head, const HeadView<bf16>&, int64_t q0, int64_t rows,
+                             int64_t k0, int64_t cols, float* probs, float* dscores) {
+    const AttentionParams& p = head.p;
+    gemm_bf16_vnni(rows, cols, p.E, q_, p.query.row_stride, keys_t_.data(), kBlockK, /*add_to_c=*/false, probs,
+                   kBlockK);
+    head.apply_masks(q0, rows, k0, cols, probs, kBlockK, scale_);
+    gemm_bf16_vnni(rows, cols, p.Ev, d_out_, d_out_stride_, values_t_.data(), kBlockK, /*add_to_c=*/false, dscores,
+                   kBlockK);
+  }
+  void accumulate(int64_t E, int64_t Ev, int64_t rows, int64_t cols, const float* probs, const float* dscores,
+                  float* dk, float* dv, float* dq) {
+    const int64_t rows_even = rows + rows % 2, cols_even = cols + cols % 2;
+    transpose(rows, cols, probs, kBlockK, pt_f_.data(), kBlockQ);
+    transpose(rows, cols, dscores, kBlockK, dst_f_.data(), kBlockQ);
+    for (int64_t j = 0; j < cols; ++j) {
+      to_bf16_padded(pt_f_.data() + j * kBlockQ, rows, 1.f, pt_.data() + j * kBlockQ);
+      to_bf16_padded(dst_f_.data() + j * kBlockQ, rows, scale_, dst_.data() + j * kBlockQ);
+    }
+    for (int64_t i = 0; i < rows; ++i) to_bf16_padded(dscores + i * kBlockK, cols, scale_, ds_.data() + i * kBlockK);
+    gemm_bf16_vnni(cols, Ev, rows_even, pt_.data(), kBlockQ, d_out_pairs_.data(), Ev, /*add_to_c=*/true, dv, Ev);
+    gemm_bf16_vnni(cols, E, rows_even, dst_.data(), kBlockQ, query_pairs_.data(), E, /*add_to_c=*/true, dk, E);
+    gemm_bf16_vnni(rows, E, cols_even, ds_.data(), kBlockK, key_pairs_.data(), E, /*add_to_c=*/true, dq, E);
+  }
+  void finish() { release_tile_state(); }
+
+ private:
+  // dst[0:n] = bf16(scale * src[0:n]), and dst[n] = 0 when n is odd (the pad of an even inner dimension).
+  static void to_bf16_padded(const float* src, int64_t n, float scale, bf16* dst) {
+    row_ops().to_bf16(src, n, scale, reinterpret_cast<uint16_t*>(dst));
+    if (n % 2 != 0) dst[n] = bf16(0.f);
+  }
+
+  float scale_;
+  Scratch<bf16> keys_t_, values_t_, key_pairs_, query_pairs_, d_out_pairs_;
+  Scratch<float> pt_f_, dst_f_;
+  Scratch<bf16> pt_, dst_, ds_;
+  const bf16* q_ = nullptr;
+  const bf16* d_out_ = nullptr;
+  int64_t d_out_stride_ = 0;
+};
+
+template <typename scalar_t, typename Products>
 void backward_kernel(const AttentionGradParams& g) {
   using acc_t = acc_type<scalar_t>;
   const AttentionParams& p = g.fwd;
@@ -71,15 +189,10 @@ void backward_kernel(const AttentionGradParams& g) {
   const acc_t* lse_all = static_cast<const acc_t*>(p.lse);
 
   at::parallel_for(0, kv_split.outer_count() * kv_blocks, 1, [&](int64_t begin, int64_t end) {
-    Scratch<acc_t> q_buf(kBlockQ * E), do_buf(kBlockQ * Ev), k_buf(kBlockK * E), v_buf(kBlockK * Ev),
-        vt_buf(Ev * kBlockK), p_buf(kBlockQ * kBlockK), ds_buf(kBlockQ * kBlockK), pt_buf(kBlockK * kBlockQ),
-        dst_buf(kBlockK * kBlockQ), dk_buf(kBlockK * E), dv_buf(kBlockK * Ev);
-    KeyTiles<acc_t> keys(p, kBlockK);
+    Scratch<acc_t> p_buf(kBlockQ * kBlockK), ds_buf(kBlockQ * kBlockK), dk_buf(kBlockK * E), dv_buf(kBlockK * Ev);
+    Products products(p);
     acc_t* probs = p_buf.data();
     acc_t* dscores = ds_buf.data();
-    acc_t* values_t = vt_buf.data();
-    acc_t* probs_t = pt_buf.data();
-    acc_t* dscores_t = dst_buf.data();
     acc_t* dk = dk_buf.data();
     acc_t* dv = dv_buf.data();
     for (int64_t item = begin; item < end; ++item) {
@@ -95,9 +208,7 @@ void backward_kernel(const AttentionGradParams& g) {
         std::fill(dv, dv + cols * Ev, acc_t(0));
         // Every query head of the group reads the same K/V rows.
         const HeadView<scalar_t> kv_head(p, m * G);
-        const auto k_scaled = kv_head.scaled_key_rows(k0, cols, k_buf.data());
-        const auto v_rows = kv_head.value_rows(k0, cols, v_buf.data());
-        transpose(cols, Ev, v_rows.data, v_rows.ld, values_t, kBlockK);
+        products.start_key_tile(kv_head, k0, cols);
         for (int64_t gi = 0; gi < G; ++gi) {
           const int64_t n = m * G + gi;
           const HeadView<scalar_t> head(p, n);
@@ -107,13 +218,8 @@ void backward_kernel(const AttentionGradParams& g) {
           for (int64_t q0 = q_start; q0 < L; q0 += kBlockQ) {
             const int64_t rows = std::min(kBlockQ, L - q0);
             if (head.active_columns(q0, rows, k0, cols).empty()) continue;
-            const auto q_scaled = head.scaled_query_rows(q0, rows, q_buf.data());
-            const auto do_rows =
-                rows_as_acc(d_out + q0 * g.grad_out.row_stride, g.grad_out.row_stride, rows, Ev, do_buf.data());
-            head.score_tile(q0, rows, k0, cols, q_scaled, keys.columns(kv_head, k0, cols, rows), probs, kBlockK);
-            // dP = dO V^T
-            gemm(Trans::kNo, Trans::kNo, rows, cols, Ev, acc_t(1), do_rows.data, do_rows.ld, values_t, kBlockK,
-                 acc_t(0), dscores, kBlockK);
+            products.start_query_tile(head, q0, rows, d_out, g.grad_out.row_stride);
+            products.scores_and_grad_probs(head, kv_head, q0, rows, k0, cols, probs, dscores);
             for (int64_t i = 0; i < rows; ++i) {
               acc_t* p_row = probs + i * kBlockK;
               acc_t* ds_row = dscores + i * kBlockK;
@@ -140,15 +246,7 @@ void backward_kernel(const AttentionGradParams& g) {
                 for (int64_t j = 0; j < cols; ++j) slab_row[j] += ds_row[j];
               }
             }
-            // dV += P^T dO;  dK += dS^T (scale Q);  dQ += dS (scale K)
-            transpose(rows, cols, probs, kBlockK, probs_t, kBlockQ);
-            transpose(rows, cols, dscores, kBlockK, dscores_t, kBlockQ);
-            gemm(Trans::kNo, Trans::kNo, cols, Ev, rows, acc_t(1), probs_t, kBlockQ, do_rows.data, do_rows.ld,
-                 acc_t(1), dv, Ev);
-            gemm(Trans::kNo, Trans::kNo, cols, E, rows, acc_t(1), dscores_t, kBlockQ, q_scaled.data, q_scaled.ld,
-                 acc_t(1), dk, E);
-            gemm(Trans::kNo, Trans::kNo, rows, E, cols, acc_t(1), dscores, kBlockK, k_scaled.data, k_scaled.ld, acc_t(1),
-                 dq_base + (n * L + q0) * E, E);
+            products.accumulate(E, Ev, rows, cols, probs, dscores, dk, dv, dq_base + (n * L + q0) * E);
           }
         }
         scalar_t* grad_key = static_cast<scalar_t*>(g.grad_key) + (m * S + k0) * E;
@@ -157,6 +255,7 @@ void backward_kernel(const AttentionGradParams& g) {
         for (int64_t r = 0; r < cols * Ev; ++r) grad_value[r] = static_cast<scalar_t>(dv[r]);
       }
     }
+    products.finish();
   });
 
   if (kv_blocks > 1) {
@@ -169,8 +268,13 @@ void backward_kernel(const AttentionGradParams& g) {
 }
 
 void backward_cpu(const AttentionGradParams& g, at::ScalarType dtype) {
+  // dP = dO V^T takes Ev as its inner dimension: it pairs up in VNNI layout only when even.
+  if (dtype == at::kBFloat16 && g.fwd.Ev % 2 == 0 && use_vnni_tiles(g.fwd)) {
+    backward_kernel<c10::BFloat16, Bf16GradProducts>(g);
+    return;
+  }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dtype, "mha_ext_attention_backward_cpu",
-                                  [&] { backward_kernel<scalar_t>(g); });
+                                  [&] { backward_kernel<scalar_t, FloatGradProducts<scalar_t>>(g); });
 }
 
 }  // namespace

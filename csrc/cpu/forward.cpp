@@ -93,7 +93,7 @@ class Bf16TileProducts {
     } else {
       sum = exp_shifted_sum(s_row, cols, shift);
       drop(s_row);
-      row_ops().to_bf16(s_row, cols, p_row);
+      row_ops().to_bf16(s_row, cols, 1.f, p_row);
     }
     if (cols % 2 != 0) p_row[cols] = 0;  // the pad column of the even inner dimension
     return sum;

@@ -42,13 +42,14 @@ float exp_shifted_sum_avx2(float* x, int64_t n, float shift) {
   return sum;
 }
 
-void to_bf16_avx2(const float* x, int64_t n, uint16_t* out) {
-  at::vec::convert(x, reinterpret_cast<c10::BFloat16*>(out), n);
+void to_bf16_avx2(const float* x, int64_t n, float scale, uint16_t* out) {
+  auto* dst = reinterpret_cast<c10::BFloat16*>(out);
+  for (int64_t j = 0; j < n; ++j) dst[j] = c10::BFloat16(scale * x[j]);
 }
 
 float exp_shifted_sum_bf16_avx2(float* x, int64_t n, float shift, uint16_t* out) {
   const float sum = exp_shifted_sum_avx2(x, n, shift);
-  to_bf16_avx2(x, n, out);
+  to_bf16_avx2(x, n, 1.f, out);
   return sum;
 }
 

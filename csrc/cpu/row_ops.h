@@ -19,8 +19,8 @@ struct RowOps {
   // out[j] = bf16(exp(x[j] - shift)) (round to nearest even) for j < n; returns the sum of the float values.
   // x may be overwritten. out holds the bit patterns of c10::BFloat16.
   float (*exp_shifted_sum_bf16)(float* x, int64_t n, float shift, uint16_t* out);
-  // out[j] = bf16(x[j]), round to nearest even.
-  void (*to_bf16)(const float* x, int64_t n, uint16_t* out);
+  // out[j] = bf16(scale * x[j]), round to nearest even.
+  void (*to_bf16)(const float* x, int64_t n, float scale, uint16_t* out);
   // p[j] = exp(p[j] - lse) (the probabilities from the scores and the row's LSE), then
   // ds[j] = p[j] * (ds[j] - delta) (dP in, dS out).
   void (*softmax_grad)(float* p, float* ds, int64_t n, float lse, float delta);

@@ -112,12 +112,14 @@ MHA_EXT_AVX512 float exp_shifted_sum_bf16_avx512(float* x, int64_t n, float shif
   return _mm512_reduce_add_ps(sum);
 }
 
-MHA_EXT_AVX512 void to_bf16_avx512(const float* x, int64_t n, uint16_t* out) {
+MHA_EXT_AVX512 void to_bf16_avx512(const float* x, int64_t n, float scale, uint16_t* out) {
+  const __m512 vscale = _mm512_set1_ps(scale);
   int64_t j = 0;
-  for (; j + 16 <= n; j += 16) _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + j), bf16_bits(_mm512_loadu_ps(x + j)));
+  for (; j + 16 <= n; j += 16)
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + j), bf16_bits(_mm512_mul_ps(_mm512_loadu_ps(x + j), vscale)));
   if (j < n) {
     const __mmask16 mask = tail_mask(n - j);
-    _mm256_mask_storeu_epi16(out + j, mask, bf16_bits(_mm512_maskz_loadu_ps(mask, x + j)));
+    _mm256_mask_storeu_epi16(out + j, mask, bf16_bits(_mm512_mul_ps(_mm512_maskz_loadu_ps(mask, x + j), vscale)));
   }
 }
 
