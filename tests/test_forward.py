@@ -51,7 +51,7 @@ def test_no_mask_matches_reference(device, dtype, L, S):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("mask_shape", MASK_SHAPES)
-@pytest.mark.parametrize("kind", ["bool", "float"])
+@pytest.mark.parametrize("kind", ["bool", "float", "bias"])
 def test_every_mask_shape(device, dtype, mask_shape, kind):
     L, S = 33, 70
     gen = torch.Generator().manual_seed(zlib.crc32(f"{kind}{dtype}{mask_shape(L, S)}".encode()))
@@ -61,8 +61,12 @@ def test_every_mask_shape(device, dtype, mask_shape, kind):
         mask = (torch.rand(shape, generator=gen) > 0.4).to(device)
     else:
         mask = (torch.randn(shape, generator=gen) * 2).to(device=device, dtype=dtype)
-    out = mha_ext.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-    assert_close_to_reference(out, reference_attention(q, k, v, attn_mask=mask), dtype)
+    if kind == "bias":
+        out = mha_ext.scaled_dot_product_attention(q, k, v, attn_bias=mask)
+        assert_close_to_reference(out, reference_attention(q, k, v, attn_bias=mask), dtype)
+    else:
+        out = mha_ext.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        assert_close_to_reference(out, reference_attention(q, k, v, attn_mask=mask), dtype)
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -32,11 +32,22 @@ class FloatTileProducts {
 
   void start_query_tile(const HeadView<scalar_t>& head, int64_t q0, int64_t rows) {
     q_scaled_ = head.scaled_query_rows(q0, rows, q_buf_.data());
+    lone_addend_ = head.has_lone_addend();
   }
   void scores(const HeadView<scalar_t>& head, int64_t q0, int64_t rows, int64_t k0, int64_t cols, acc_t* s) {
-    head.score_tile(q0, rows, k0, cols, q_scaled_, keys_.columns(head, k0, cols, rows), s, kBlockK);
+    const KeyOperand<acc_t> keys = keys_.columns(head, k0, cols, rows);
+    if (lone_addend_) {
+      head.score_product(rows, cols, q_scaled_, keys, s, kBlockK);  // the addend comes with the row maximum
+    } else {
+      head.score_tile(q0, rows, k0, cols, q_scaled_, keys, s, kBlockK);
+    }
   }
-  acc_t row_max_of_scores(acc_t* s_row, int64_t cols) const { return row_max(s_row, cols); }
+  acc_t row_max_of_scores(const HeadView<scalar_t>& head, int64_t row, int64_t k0, acc_t* s_row, int64_t cols) const {
+    if constexpr (std::is_same_v<acc_t, float>) {
+      if (lone_addend_) return head.scale_add_max_row(s_row, row, k0, cols, 1.f);
+    }
+    return row_max(s_row, cols);
+  }
   // s_row = exp(s_row - shift), then `drop` applied to it; returns the sum before dropout.
   template <typename Drop>
   acc_t probabilities(acc_t* s_row, int64_t, int64_t cols, acc_t shift, Drop drop) {
@@ -56,6 +67,7 @@ class FloatTileProducts {
   Scratch<acc_t> q_buf_, v_buf_;
   KeyTiles<acc_t> keys_;
   RowsView<acc_t> q_scaled_{nullptr, 0};
+  bool lone_addend_ = false;
 };
 
 // The same products on bf16 operands (AMX / AVX512-BF16 through gemm_bf16_vnni), accumulating in float:
@@ -73,15 +85,19 @@ class Bf16TileProducts {
 
   void start_query_tile(const HeadView<c10::BFloat16>& head, int64_t q0, int64_t) {
     q_ = head.q + q0 * head.p.query.row_stride;
+    lone_addend_ = head.has_lone_addend();
   }
   void scores(const HeadView<c10::BFloat16>& head, int64_t q0, int64_t rows, int64_t k0, int64_t cols, float* s) {
     operands_ = tiles_.columns(head, k0, cols);
     gemm_bf16_vnni(rows, cols, head.p.E, q_, head.p.query.row_stride, operands_.keys_t, operands_.keys_ld,
                    /*add_to_c=*/false, s, kBlockK);
-    // Without masks the scale is applied by the row maximum's pass (row_max_of_scores), saving a pass.
-    if (has_masks_) head.apply_masks(q0, rows, k0, cols, s, kBlockK, scale_);
+    // Without masks, or with a lone addend, the row maximum's pass (row_max_of_scores) applies the scale
+    // (and adds the addend), saving a pass.
+    if (has_masks_ && !lone_addend_) head.apply_masks(q0, rows, k0, cols, s, kBlockK, scale_);
   }
-  float row_max_of_scores(float* s_row, int64_t cols) const {
+  float row_max_of_scores(const HeadView<c10::BFloat16>& head, int64_t row, int64_t k0, float* s_row,
+                          int64_t cols) const {
+    if (lone_addend_) return head.scale_add_max_row(s_row, row, k0, cols, scale_);
     return has_masks_ ? row_max(s_row, cols) : row_ops().scale_max(s_row, cols, scale_);
   }
   template <typename Drop>
@@ -110,6 +126,7 @@ class Bf16TileProducts {
   VnniKeyValueTiles tiles_;
   float scale_;
   bool has_masks_;
+  bool lone_addend_ = false;
   const c10::BFloat16* q_ = nullptr;
   VnniKeyValueTiles::Operands operands_{};
 };
@@ -118,8 +135,10 @@ template <typename scalar_t, typename Products>
 void forward_kernel(const AttentionParams& p) {
   using acc_t = acc_type<scalar_t>;
   const int64_t L = p.L, S = p.S, Ev = p.Ev;
-  const WorkOrder order(p, ceil_div(L, kBlockQ));
-  at::parallel_for(0, order.count(), 1, [&](int64_t begin, int64_t end) {
+  // Work items in (batch-head, query tile) order: consecutive items of a thread read the same kv head, whose
+  // packed keys it keeps (KeyTiles, VnniKeyValueTiles).
+  const int64_t q_tiles = ceil_div(L, kBlockQ);
+  at::parallel_for(0, p.grid.numel * q_tiles, 1, [&](int64_t begin, int64_t end) {
     Scratch<acc_t> scores(kBlockQ * kBlockK), acc(kBlockQ * Ev), row_max_buf(kBlockQ), row_sum_buf(kBlockQ);
     Products products(p);
     acc_t* s = scores.data();
@@ -127,9 +146,7 @@ void forward_kernel(const AttentionParams& p) {
     acc_t* m = row_max_buf.data();
     acc_t* l = row_sum_buf.data();
     for (int64_t item = begin; item < end; ++item) {
-      int64_t n, q_tile;
-      order.item(item, n, q_tile);
-      const int64_t q0 = q_tile * kBlockQ;
+      const int64_t n = item / q_tiles, q0 = (item % q_tiles) * kBlockQ;
       const int64_t rows = std::min(kBlockQ, L - q0);
       const HeadView<scalar_t> head(p, n);
       products.start_query_tile(head, q0, rows);
@@ -145,7 +162,7 @@ void forward_kernel(const AttentionParams& p) {
         products.scores(head, q0, rows, k0, cols, s);
         for (int64_t i = 0; i < rows; ++i) {
           acc_t* s_row = s + i * kBlockK;
-          const acc_t new_max = std::max(m[i], products.row_max_of_scores(s_row, cols));
+          const acc_t new_max = std::max(m[i], products.row_max_of_scores(head, q0 + i, k0, s_row, cols));
           const acc_t shift = safe_shift(new_max);
           const acc_t rescale = m[i] == kNegInf<acc_t> ? acc_t(0) : std::exp(m[i] - shift);
           // The normaliser sums the probabilities before dropout; only the values' weights are dropped.

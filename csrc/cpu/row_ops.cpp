@@ -25,6 +25,17 @@ float scale_max_avx2(float* x, int64_t n, float scale) {
   return max_avx2(x, n);
 }
 
+float scale_add_max_avx2(float* x, int64_t n, float scale, const float* add) {
+  for (int64_t j = 0; j < n; ++j) x[j] = scale * x[j] + add[j];
+  return max_avx2(x, n);
+}
+
+float scale_add_max_bf16_avx2(float* x, int64_t n, float scale, const uint16_t* add) {
+  const auto* addend = reinterpret_cast<const c10::BFloat16*>(add);
+  for (int64_t j = 0; j < n; ++j) x[j] = scale * x[j] + static_cast<float>(addend[j]);
+  return max_avx2(x, n);
+}
+
 float exp_shifted_sum_avx2(float* x, int64_t n, float shift) {
   const Vec vshift(shift);
   Vec vsum(0.f);
@@ -63,7 +74,8 @@ constexpr const char* kBaseIsa = "avx2";
 #else
 constexpr const char* kBaseIsa = "baseline";
 #endif
-constexpr RowOps kAvx2RowOps{kBaseIsa, max_avx2, scale_max_avx2, exp_shifted_sum_avx2, exp_shifted_sum_bf16_avx2, to_bf16_avx2,
+constexpr RowOps kAvx2RowOps{kBaseIsa, max_avx2, scale_max_avx2, scale_add_max_avx2, scale_add_max_bf16_avx2,
+                              exp_shifted_sum_avx2, exp_shifted_sum_bf16_avx2, to_bf16_avx2,
                               softmax_grad_avx2};
 
 const RowOps& choose_row_ops() {

@@ -14,6 +14,10 @@ struct RowOps {
   float (*max)(const float* x, int64_t n);
   // x[j] *= scale for j < n; returns max(x[0:n]) after scaling.
   float (*scale_max)(float* x, int64_t n, float scale);
+  // x[j] = scale * x[j] + add[j] for j < n; returns max(x[0:n]) after that. add is float, or the bit
+  // patterns of c10::BFloat16 for the _bf16 version.
+  float (*scale_add_max)(float* x, int64_t n, float scale, const float* add);
+  float (*scale_add_max_bf16)(float* x, int64_t n, float scale, const uint16_t* add);
   // x[j] = exp(x[j] - shift) for j < n; returns their sum. exp(-inf) = 0.
   float (*exp_shifted_sum)(float* x, int64_t n, float shift);
   // out[j] = bf16(exp(x[j] - shift)) (round to nearest even) for j < n; returns the sum of the float values.

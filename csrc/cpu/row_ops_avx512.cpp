@@ -68,6 +68,49 @@ MHA_EXT_AVX512 float scale_max_avx512(float* x, int64_t n, float scale) {
   return _mm512_reduce_max_ps(acc);
 }
 
+// x = scale * x + addend(j), max over the row; Load(j, mask) gives 16 addends as floats (masked lanes 0).
+template <typename Load>
+MHA_EXT_AVX512 inline float scale_add_max_with(float* x, int64_t n, float scale, Load load) {
+  const __m512 neg_inf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  const __m512 vscale = _mm512_set1_ps(scale);
+  __m512 acc = neg_inf;
+  int64_t j = 0;
+  for (; j + 16 <= n; j += 16) {
+    const __m512 v = _mm512_fmadd_ps(_mm512_loadu_ps(x + j), vscale, load(j, static_cast<__mmask16>(0xffff)));
+    _mm512_storeu_ps(x + j, v);
+    acc = _mm512_max_ps(acc, v);
+  }
+  if (j < n) {
+    const __mmask16 mask = tail_mask(n - j);
+    const __m512 v = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mask, x + j), vscale, load(j, mask));
+    _mm512_mask_storeu_ps(x + j, mask, v);
+    acc = _mm512_mask_max_ps(acc, mask, acc, v);
+  }
+  return _mm512_reduce_max_ps(acc);
+}
+
+struct FloatAddends {
+  const float* add;
+  MHA_EXT_AVX512 __m512 operator()(int64_t j, __mmask16 mask) const { return _mm512_maskz_loadu_ps(mask, add + j); }
+};
+
+struct Bf16Addends {
+  const uint16_t* add;
+  // bf16 is the top half of a float: widen to 32 bits and shift into place.
+  MHA_EXT_AVX512 __m512 operator()(int64_t j, __mmask16 mask) const {
+    const __m512i halves = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, add + j));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(halves, 16));
+  }
+};
+
+MHA_EXT_AVX512 float scale_add_max_avx512(float* x, int64_t n, float scale, const float* add) {
+  return scale_add_max_with(x, n, scale, FloatAddends{add});
+}
+
+MHA_EXT_AVX512 float scale_add_max_bf16_avx512(float* x, int64_t n, float scale, const uint16_t* add) {
+  return scale_add_max_with(x, n, scale, Bf16Addends{add});
+}
+
 MHA_EXT_AVX512 float exp_shifted_sum_avx512(float* x, int64_t n, float shift) {
   const __m512 vshift = _mm512_set1_ps(shift);
   __m512 sum = _mm512_setzero_ps();
@@ -139,7 +182,8 @@ MHA_EXT_AVX512 void softmax_grad_avx512(float* p, float* ds, int64_t n, float ls
   }
 }
 
-constexpr RowOps kAvx512RowOps{"avx512", max_avx512, scale_max_avx512, exp_shifted_sum_avx512, exp_shifted_sum_bf16_avx512,
+constexpr RowOps kAvx512RowOps{"avx512", max_avx512, scale_max_avx512, scale_add_max_avx512,
+                               scale_add_max_bf16_avx512, exp_shifted_sum_avx512, exp_shifted_sum_bf16_avx512,
                                to_bf16_avx512, softmax_grad_avx512};
 
 }  // namespace

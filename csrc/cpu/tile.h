@@ -111,44 +111,6 @@ class GridSplit {
   Dims outer_, inner_;
 };
 
-// The order in which the (batch-head n, query tile) work items are handed out. Batch-heads that read the
-// same mask/bias slab (stride 0 along the grid dims the masks broadcast over, e.g. a (H, L, S) bias shared
-// by the batch) run back to back for each query tile, so the slab comes from cache, not memory. Masks
-// without a row dim (key padding, row stride 0) are a few cached bytes per batch-head and do not count:
-// without slabs this is the plain n-major order, in which consecutive items reuse a thread's transposed
-// keys (KeyTiles). Each item is computed alone, so the order changes no result.
-class WorkOrder {
- public:
-  WorkOrder(const AttentionParams& p, int64_t q_tiles)
-      : q_tiles_(q_tiles), numel_(p.grid.numel), split_(p.grid, p.grid.ndim, SharedSlabDims(p)) {}
-
-  int64_t count() const { return numel_ * q_tiles_; }
-
-  // The batch-head n and the query tile of the item-th work item.
-  void item(int64_t item, int64_t& n, int64_t& q_tile) const {
-    const int64_t rest = item / split_.inner_count();
-    q_tile = rest % q_tiles_;
-    n = split_.flat(rest / q_tiles_, item % split_.inner_count());
-  }
-
- private:
-  struct SharedSlabDims {
-    bool bool_slab, mask_slab, bias_slab;
-    const AttentionParams& p;
-    explicit SharedSlabDims(const AttentionParams& params)
-        : bool_slab(params.has_bool_mask && params.bool_mask.row_stride != 0),
-          mask_slab(params.mask_add_type != AdditiveType::kNone && params.mask_add.row_stride != 0),
-          bias_slab(params.bias_type != AdditiveType::kNone && params.bias.row_stride != 0),
-          p(params) {}
-    bool operator()(int d) const {
-      return (bool_slab || mask_slab || bias_slab) && (!bool_slab || p.bool_mask.grid_strides[d] == 0) &&
-             (!mask_slab || p.mask_add.grid_strides[d] == 0) && (!bias_slab || p.bias.grid_strides[d] == 0);
-    }
-  };
-  int64_t q_tiles_, numel_;
-  GridSplit split_;
-};
-
 // The key operand of a score product: K's rows (op(B) = K^T, for products with fewer than kBlasMinRows
 // query rows) or K^T itself (E x cols, an untransposed product).
 template <typename acc_t>
@@ -221,9 +183,44 @@ struct HeadView : HeadPointers<scalar_t> {
   template <typename acc_t>
   void score_tile(int64_t q0, int64_t rows, int64_t k0, int64_t cols, RowsView<acc_t> q_scaled,
                   KeyOperand<acc_t> keys, acc_t* scores, int64_t ld) const {
+    score_product(rows, cols, q_scaled, keys, scores, ld);
+    apply_masks(q0, rows, k0, cols, scores, ld);
+  }
+
+  // scores = scale * Q K^T alone, for callers that add the masks themselves.
+  template <typename acc_t>
+  void score_product(int64_t rows, int64_t cols, RowsView<acc_t> q_scaled, KeyOperand<acc_t> keys, acc_t* scores,
+                     int64_t ld) const {
     gemm(Trans::kNo, keys.transposed ? Trans::kNo : Trans::kYes, rows, cols, p.E, acc_t(1), q_scaled.data,
          q_scaled.ld, keys.view.data, keys.view.ld, acc_t(0), scores, ld);
-    apply_masks(q0, rows, k0, cols, scores, ld);
+  }
+
+  // Whether one floating mask or bias is the only mask (no bool mask, no causality, no second one), read
+  // with unit stride along keys in float or bf16: the forward then adds it in its row-maximum pass
+  // (scale_add_max_row) instead of in apply_masks, a pass over the scores fewer.
+  bool has_lone_addend() const {
+    if constexpr (!std::is_same_v<scalar_t, float> && !std::is_same_v<scalar_t, c10::BFloat16>) {
+      return false;
+    } else {
+      if (p.is_causal || bool_mask != nullptr || (mask_add != nullptr) == (bias != nullptr)) return false;
+      return (mask_add != nullptr ? p.mask_add : p.bias).col_stride == 1;
+    }
+  }
+
+  // s = scale * s + the lone addend's row `row` from column k0 (see has_lone_addend); returns max(s[0:n]).
+  float scale_add_max_row(float* s, int64_t row, int64_t k0, int64_t n, float scale) const {
+    const bool is_mask = mask_add != nullptr;
+    const Operand& op = is_mask ? p.mask_add : p.bias;
+    const AdditiveType type = is_mask ? p.mask_add_type : p.bias_type;
+    const int64_t offset = row * op.row_stride + k0;
+    const void* base = is_mask ? mask_add : bias;
+    if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+      if (type == AdditiveType::kSameAsQuery) {
+        return row_ops().scale_add_max_bf16(s, n, scale, reinterpret_cast<const uint16_t*>(
+                                                             static_cast<const scalar_t*>(base) + offset));
+      }
+    }
+    return row_ops().scale_add_max(s, n, scale, static_cast<const float*>(base) + offset);
   }
 
   // scores = pre_scale * scores + additive masks, -inf where masked (the tile at rows q0, columns k0).

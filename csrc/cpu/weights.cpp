@@ -17,16 +17,16 @@ template <typename scalar_t>
 void weights_kernel(const AttentionParams& p, scalar_t* weights) {
   using acc_t = acc_type<scalar_t>;
   const int64_t L = p.L, S = p.S, E = p.E;
-  const WorkOrder order(p, ceil_div(L, kBlockQ));
+  // Work items in (batch-head, query tile) order: consecutive items of a thread read the same kv head, whose
+  // packed keys it keeps (KeyTiles, VnniKeyValueTiles).
+  const int64_t q_tiles = ceil_div(L, kBlockQ);
   const acc_t* lse_all = static_cast<const acc_t*>(p.lse);
-  at::parallel_for(0, order.count(), 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, p.grid.numel * q_tiles, 1, [&](int64_t begin, int64_t end) {
     Scratch<acc_t> q_buf(kBlockQ * E), scores(kBlockQ * kBlockK);
     KeyTiles<acc_t> keys(p, kBlockK);
     acc_t* s = scores.data();
     for (int64_t item = begin; item < end; ++item) {
-      int64_t n, q_tile;
-      order.item(item, n, q_tile);
-      const int64_t q0 = q_tile * kBlockQ;
+      const int64_t n = item / q_tiles, q0 = (item % q_tiles) * kBlockQ;
       const int64_t rows = std::min(kBlockQ, L - q0);
       const HeadView<scalar_t> head(p, n);
       const auto q_scaled = head.scaled_query_rows(q0, rows, q_buf.data());
