@@ -373,3 +373,19 @@ def test_bf16_tile_products_match_reference(case):
             torch.backends.mkldnn.enabled = previous
         assert products == "float" or mkldnn, "VNNI products must not run with torch.backends.mkldnn off"
         assert_close_to_reference(out, expected, torch.bfloat16)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_scores_spanning_the_exponential_range(dtype):
+    """Scores spread over hundreds (probabilities from 1 down to below float's smallest normal, where the
+    vectorised exp flushes to 0) and an additive mask of -inf and large finite values: outputs and LSE
+    match the fp64 reference."""
+    gen = torch.Generator().manual_seed(41)
+    q, k, v = make_qkv(2, 3, 3, 45, 77, 16, 16, dtype, "cpu", gen)
+    q = (q.float() * 12).to(dtype)
+    bias = torch.randn(45, 77, generator=gen) * 60
+    bias[::3, ::5] = float("-inf")
+    out, lse = mha_ext.scaled_dot_product_attention(q, k, v, attn_mask=bias, return_lse=True)
+    expected, expected_lse = reference_attention(q, k, v, attn_mask=bias, return_lse=True)
+    assert_close_to_reference(out, expected, dtype)
+    torch.testing.assert_close(lse.double(), expected_lse, atol=1e-4 * expected_lse.abs().max().item(), rtol=1e-5)

@@ -19,12 +19,10 @@ MHA_EXT_AVX512 inline __mmask16 tail_mask(int64_t remaining) {
 }
 
 // exp(x) = 2^k exp(r) with k = round(x / ln 2) and |r| <= ln(2) / 2, exp(r) by Cephes' expf polynomial
-// (about 1 ulp). Below ln(FLT_MIN) the result is 0 (so exp(-inf) = 0 exactly); NaN stays NaN.
+// (about 1 ulp), 2^k by scalef (which overflows to inf by itself). Below ln(FLT_MIN) the result is 0, which
+// also covers -inf (whose r is NaN); NaN stays NaN.
 MHA_EXT_AVX512 inline __m512 exp16(__m512 x) {
-  const __m512 lowest = _mm512_set1_ps(-87.33654475f);
-  const __mmask16 underflow = _mm512_cmp_ps_mask(x, lowest, _CMP_LT_OQ);
-  x = _mm512_min_ps(_mm512_set1_ps(88.7228391f), x);  // min/max return the second operand for NaN
-  x = _mm512_max_ps(lowest, x);
+  const __mmask16 underflow = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.33654475f), _CMP_LT_OQ);
   const __m512 k =
       _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504089f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   // r = x - k ln 2, with ln 2 split in two so that k * ln2_hi is exact.
