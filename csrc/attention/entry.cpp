@@ -99,19 +99,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention
       if (bias_requires_grad && attn_bias.has_value()) needing_grad.push_back(*attn_bias);
       shrink_to_broadcast_dims(slab_shape, needing_grad);
     }
-    grad_scores = grad_scores_layout == GradScoresLayout::kSharedWhereBroadcast
-                      ? at::empty(slab_shape, query.options().dtype(acc))
-                      : at::zeros(slab_shape, query.options().dtype(acc));
+    grad_scores = at::zeros(slab_shape, query.options().dtype(acc));
     g.grad_scores = scores_operand(prep, grad_scores.expand(prep.scores_shape));
   }
   g.grad_query = grad_query.data_ptr();
   g.grad_key = grad_key.data_ptr();
   g.grad_value = grad_value.data_ptr();
-  if (grad_key.numel() > 0 || grad_query.numel() > 0) {
-    kernel(g, query.scalar_type());
-  } else if (grad_scores.defined()) {
-    grad_scores.zero_();  // no kernel ran (empty head dims): nothing wrote the uninitialised slab
-  }
+  if (grad_key.numel() > 0 || grad_query.numel() > 0) kernel(g, query.scalar_type());
 
   // Outputs must not alias each other: each absent gradient gets its own empty tensor.
   auto none = [&] { return at::empty({0}, query.options()); };

@@ -16,9 +16,8 @@ using WeightsKernel = void (*)(const AttentionParams&, at::ScalarType, void* wei
 using DropoutMaskKernel = void (*)(const AttentionParams&, bool* keep);
 
 // How the score gradient (AttentionGradParams::grad_scores) is laid out for a backend's backward kernel:
-// one zero-filled (L, S) slab per batch-head, or one uninitialised slab per distinct slab of the masks
-// needing a gradient, shared by the batch-heads they broadcast over (the kernel writes every element and
-// adds the sharing batch-heads up without races; no (grid, L, S) buffer, no zero fill).
+// one (L, S) slab per batch-head, or one per distinct slab of the masks needing a gradient, shared by the
+// batch-heads they broadcast over (the kernel adds those up without races; no (grid, L, S) buffer).
 enum class GradScoresLayout { kPerBatchHead, kSharedWhereBroadcast };
 
 // Accumulation dtype of the kernels for inputs of `dtype`: float64 for float64, else float32.

@@ -7,9 +7,6 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
-#include <algorithm>
-#include <vector>
-
 #include "attention/entry.h"
 #include "cpu/dropout.h"
 #include "cpu/key_tiles.h"
@@ -194,7 +191,6 @@ void backward_kernel(const AttentionGradParams& g) {
   at::parallel_for(0, kv_split.outer_count() * kv_blocks, 1, [&](int64_t begin, int64_t end) {
     Scratch<acc_t> p_buf(kBlockQ * kBlockK), ds_buf(kBlockQ * kBlockK), dk_buf(kBlockK * E), dv_buf(kBlockK * Ev);
     Products products(p);
-    std::vector<acc_t*> first_writers;  // the slabs already written for the current key tile
     acc_t* probs = p_buf.data();
     acc_t* dscores = ds_buf.data();
     acc_t* dk = dk_buf.data();
@@ -213,29 +209,15 @@ void backward_kernel(const AttentionGradParams& g) {
         // Every query head of the group reads the same K/V rows.
         const HeadView<scalar_t> kv_head(p, m * G);
         products.start_key_tile(kv_head, k0, cols);
-        if (tile % kv_split.inner_count() == 0) first_writers.clear();
         for (int64_t gi = 0; gi < G; ++gi) {
           const int64_t n = m * G + gi;
           const HeadView<scalar_t> head(p, n);
           const scalar_t* d_out = g.grad_out.ptr<scalar_t>(p.grid, n);
           acc_t* grad_scores = has_grad_scores ? g.template grad_scores_slab<acc_t>(n) : nullptr;
-          // The slab comes uninitialised: the first batch-head to reach its columns [k0, k0 + cols) stores
-          // its dS there and zeros the tiles it skips; the ones sharing the slab after it add.
-          const bool first_writer = grad_scores != nullptr &&
-                                    std::find(first_writers.begin(), first_writers.end(), grad_scores) ==
-                                        first_writers.end();
-          if (first_writer) first_writers.push_back(grad_scores);
-          const auto zero_slab_rows = [&](int64_t r0, int64_t r1) {
-            for (int64_t r = r0; r < r1; ++r) std::fill_n(grad_scores + r * S + k0, cols, acc_t(0));
-          };
           const int64_t q_start = p.is_causal ? (k0 / kBlockQ) * kBlockQ : 0;
-          if (first_writer) zero_slab_rows(0, std::min(q_start, L));
           for (int64_t q0 = q_start; q0 < L; q0 += kBlockQ) {
             const int64_t rows = std::min(kBlockQ, L - q0);
-            if (head.active_columns(q0, rows, k0, cols).empty()) {
-              if (first_writer) zero_slab_rows(q0, q0 + rows);
-              continue;
-            }
+            if (head.active_columns(q0, rows, k0, cols).empty()) continue;
             products.start_query_tile(head, q0, rows, d_out, g.grad_out.row_stride);
             products.scores_and_grad_probs(head, kv_head, q0, rows, k0, cols, probs, dscores);
             for (int64_t i = 0; i < rows; ++i) {
@@ -259,9 +241,7 @@ void backward_kernel(const AttentionGradParams& g) {
               } else {
                 softmax_grad(p_row, ds_row, cols, lse, d);
               }
-              if (first_writer) {
-                std::copy_n(ds_row, cols, grad_scores + (q0 + i) * S + k0);
-              } else if (grad_scores != nullptr) {
+              if (grad_scores != nullptr) {
                 acc_t* slab_row = grad_scores + (q0 + i) * S + k0;
                 for (int64_t j = 0; j < cols; ++j) slab_row[j] += ds_row[j];
               }
