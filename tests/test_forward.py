@@ -389,3 +389,21 @@ def test_scores_spanning_the_exponential_range(dtype):
     expected, expected_lse = reference_attention(q, k, v, attn_mask=bias, return_lse=True)
     assert_close_to_reference(out, expected, dtype)
     torch.testing.assert_close(lse.double(), expected_lse, atol=1e-4 * expected_lse.abs().max().item(), rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("L", [1, 3])
+@pytest.mark.parametrize("addend", ["none", "same_dtype", "float32"])
+def test_decode_rows_match_reference(dtype, L, addend):
+    """Decode-sized queries (fewer than 4 rows) take dot products and row updates straight from the K/V rows
+    (bf16 ones without a converted copy): GQA, an odd key count for the vector tails, K/V as strided views
+    of a cache, and a lone float mask (added in the row-maximum pass) in the query's dtype or float32."""
+    gen = torch.Generator().manual_seed(L * 7 + len(addend))
+    q = torch.randn(2, 8, L, 72, generator=gen).to(dtype)
+    cache = torch.randn(2, 2, 1000, 2, 72, generator=gen).to(dtype)  # (B, Hkv, S_max, K|V, E)
+    k, v = cache[:, :, :517, 0], cache[:, :, :517, 1]
+    mask = None
+    if addend != "none":
+        mask = (torch.randn(2, 1, L, 517, generator=gen) * 3).to(dtype if addend == "same_dtype" else torch.float32)
+    out = mha_ext.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+    assert_close_to_reference(out, reference_attention(q, k, v, attn_mask=mask), dtype)

@@ -35,6 +35,18 @@ class FloatTileProducts {
     lone_addend_ = head.has_lone_addend();
   }
   void scores(const HeadView<scalar_t>& head, int64_t q0, int64_t rows, int64_t k0, int64_t cols, acc_t* s) {
+    if constexpr (kBf16) {
+      if (rows < kBlasMinRows) {
+        // Decode: dot products straight from the bf16 key rows, no converted copy of the tile.
+        const int64_t key_stride = head.p.key.row_stride;
+        for (int64_t i = 0; i < rows; ++i)
+          for (int64_t j = 0; j < cols; ++j)
+            s[i * kBlockK + j] = row_ops().dot_bf16(q_scaled_.data + i * q_scaled_.ld,
+                                                    bits(head.k + (k0 + j) * key_stride), head.p.E);
+        if (!lone_addend_) head.apply_masks(q0, rows, k0, cols, s, kBlockK);
+        return;
+      }
+    }
     const KeyOperand<acc_t> keys = keys_.columns(head, k0, cols, rows);
     if (lone_addend_) {
       head.score_product(rows, cols, q_scaled_, keys, s, kBlockK);  // the addend comes with the row maximum
@@ -57,6 +69,15 @@ class FloatTileProducts {
   }
   void accumulate_values(const HeadView<scalar_t>& head, int64_t rows, int64_t k0, int64_t cols, const acc_t* s,
                          acc_t* o) {
+    if constexpr (kBf16) {
+      if (rows < kBlasMinRows) {
+        const int64_t value_stride = head.p.value.row_stride, Ev = head.p.Ev;
+        for (int64_t i = 0; i < rows; ++i)
+          for (int64_t j = 0; j < cols; ++j)
+            row_ops().axpy_bf16(Ev, s[i * kBlockK + j], bits(head.v + (k0 + j) * value_stride), o + i * Ev);
+        return;
+      }
+    }
     const auto v_rows = head.value_rows(k0, cols, v_buf_.data());
     gemm(Trans::kNo, Trans::kNo, rows, head.p.Ev, cols, acc_t(1), s, kBlockK, v_rows.data, v_rows.ld, acc_t(1), o,
          head.p.Ev);
@@ -64,6 +85,9 @@ class FloatTileProducts {
   void finish() {}
 
  private:
+  static constexpr bool kBf16 = std::is_same_v<scalar_t, c10::BFloat16>;
+  static const uint16_t* bits(const scalar_t* x) { return reinterpret_cast<const uint16_t*>(x); }
+
   Scratch<acc_t> q_buf_, v_buf_;
   KeyTiles<acc_t> keys_;
   RowsView<acc_t> q_scaled_{nullptr, 0};

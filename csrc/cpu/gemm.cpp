@@ -1,4 +1,5 @@
 #include "cpu/gemm.h"
+#include "cpu/row_ops.h"
 
 #include <ATen/Context.h>
 #include <ATen/cpu/vec/vec.h>
@@ -46,6 +47,8 @@ void scale_rows(int64_t M, int64_t N, T beta, T* C, int64_t ldc) {
 }
 
 // c[0:n] += a * b[0:n]
+inline void axpy(int64_t n, float a, const float* b, float* c) { row_ops().axpy(n, a, b, c); }
+
 template <typename T>
 inline void axpy(int64_t n, T a, const T* b, T* c) {
   using Vec = at::vec::Vectorized<T>;
@@ -56,6 +59,8 @@ inline void axpy(int64_t n, T a, const T* b, T* c) {
   }
   for (; j < n; ++j) c[j] += a * b[j];
 }
+
+inline float dot(int64_t n, const float* a, const float* b) { return row_ops().dot(a, b, n); }
 
 template <typename T>
 inline T dot(int64_t n, const T* a, const T* b) {

@@ -64,6 +64,34 @@ float exp_shifted_sum_bf16_avx2(float* x, int64_t n, float shift, uint16_t* out)
   return sum;
 }
 
+float dot_avx2(const float* a, const float* b, int64_t n) {
+  Vec acc(0.f);
+  int64_t j = 0;
+  for (; j + Vec::size() <= n; j += Vec::size()) acc = at::vec::fmadd(Vec::loadu(a + j), Vec::loadu(b + j), acc);
+  float sum = at::vec::vec_reduce_all<float>([](Vec& x, Vec& y) { return x + y; }, acc);
+  for (; j < n; ++j) sum += a[j] * b[j];
+  return sum;
+}
+
+float dot_bf16_avx2(const float* a, const uint16_t* b, int64_t n) {
+  const auto* bf = reinterpret_cast<const c10::BFloat16*>(b);
+  float sum = 0.f;
+  for (int64_t j = 0; j < n; ++j) sum += a[j] * static_cast<float>(bf[j]);
+  return sum;
+}
+
+void axpy_avx2(int64_t n, float a, const float* x, float* y) {
+  const Vec va(a);
+  int64_t j = 0;
+  for (; j + Vec::size() <= n; j += Vec::size()) at::vec::fmadd(va, Vec::loadu(x + j), Vec::loadu(y + j)).store(y + j);
+  for (; j < n; ++j) y[j] += a * x[j];
+}
+
+void axpy_bf16_avx2(int64_t n, float a, const uint16_t* x, float* y) {
+  const auto* xf = reinterpret_cast<const c10::BFloat16*>(x);
+  for (int64_t j = 0; j < n; ++j) y[j] += a * static_cast<float>(xf[j]);
+}
+
 void softmax_grad_avx2(float* p, float* ds, int64_t n, float lse, float delta) {
   exp_shifted_sum_avx2(p, n, lse);
   for (int64_t j = 0; j < n; ++j) ds[j] = p[j] * (ds[j] - delta);
@@ -76,7 +104,7 @@ constexpr const char* kBaseIsa = "baseline";
 #endif
 constexpr RowOps kAvx2RowOps{kBaseIsa, max_avx2, scale_max_avx2, scale_add_max_avx2, scale_add_max_bf16_avx2,
                               exp_shifted_sum_avx2, exp_shifted_sum_bf16_avx2, to_bf16_avx2,
-                              softmax_grad_avx2};
+                              dot_avx2, dot_bf16_avx2, axpy_avx2, axpy_bf16_avx2, softmax_grad_avx2};
 
 const RowOps& choose_row_ops() {
   const char* env = std::getenv("MHA_EXT_CPU_ISA");

@@ -25,6 +25,12 @@ struct RowOps {
   float (*exp_shifted_sum_bf16)(float* x, int64_t n, float shift, uint16_t* out);
   // out[j] = bf16(scale * x[j]), round to nearest even.
   void (*to_bf16)(const float* x, int64_t n, float scale, uint16_t* out);
+  // Decode-sized products (a query row against key and value rows): sum(a[j] * b[j]) and y[j] += a * x[j]
+  // for j < n, with b and x in float, or as the bit patterns of c10::BFloat16 for the _bf16 versions.
+  float (*dot)(const float* a, const float* b, int64_t n);
+  float (*dot_bf16)(const float* a, const uint16_t* b, int64_t n);
+  void (*axpy)(int64_t n, float a, const float* x, float* y);
+  void (*axpy_bf16)(int64_t n, float a, const uint16_t* x, float* y);
   // p[j] = exp(p[j] - lse) (the probabilities from the scores and the row's LSE), then
   // ds[j] = p[j] * (ds[j] - delta) (dP in, dS out).
   void (*softmax_grad)(float* p, float* ds, int64_t n, float lse, float delta);

@@ -66,7 +66,7 @@ MHA_EXT_AVX512 float scale_max_avx512(float* x, int64_t n, float scale) {
   return _mm512_reduce_max_ps(acc);
 }
 
-// x = scale * x + addend(j), max over the row; Load(j, mask) gives 16 addends as floats (masked lanes 0).
+// x = scale * x + addend(j), max over the row; the addends come from Load (FloatLanes or Bf16Lanes below).
 template <typename Load>
 MHA_EXT_AVX512 inline float scale_add_max_with(float* x, int64_t n, float scale, Load load) {
   const __m512 neg_inf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
@@ -87,26 +87,27 @@ MHA_EXT_AVX512 inline float scale_add_max_with(float* x, int64_t n, float scale,
   return _mm512_reduce_max_ps(acc);
 }
 
-struct FloatAddends {
-  const float* add;
-  MHA_EXT_AVX512 __m512 operator()(int64_t j, __mmask16 mask) const { return _mm512_maskz_loadu_ps(mask, add + j); }
+// Lanes(j, mask): 16 elements of a float or bf16 row from element j, as floats (lanes outside mask 0).
+struct FloatLanes {
+  const float* src;
+  MHA_EXT_AVX512 __m512 operator()(int64_t j, __mmask16 mask) const { return _mm512_maskz_loadu_ps(mask, src + j); }
 };
 
-struct Bf16Addends {
-  const uint16_t* add;
+struct Bf16Lanes {
+  const uint16_t* src;
   // bf16 is the top half of a float: widen to 32 bits and shift into place.
   MHA_EXT_AVX512 __m512 operator()(int64_t j, __mmask16 mask) const {
-    const __m512i halves = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, add + j));
+    const __m512i halves = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, src + j));
     return _mm512_castsi512_ps(_mm512_slli_epi32(halves, 16));
   }
 };
 
 MHA_EXT_AVX512 float scale_add_max_avx512(float* x, int64_t n, float scale, const float* add) {
-  return scale_add_max_with(x, n, scale, FloatAddends{add});
+  return scale_add_max_with(x, n, scale, FloatLanes{add});
 }
 
 MHA_EXT_AVX512 float scale_add_max_bf16_avx512(float* x, int64_t n, float scale, const uint16_t* add) {
-  return scale_add_max_with(x, n, scale, Bf16Addends{add});
+  return scale_add_max_with(x, n, scale, Bf16Lanes{add});
 }
 
 MHA_EXT_AVX512 float exp_shifted_sum_avx512(float* x, int64_t n, float shift) {
@@ -164,6 +165,39 @@ MHA_EXT_AVX512 void to_bf16_avx512(const float* x, int64_t n, float scale, uint1
   }
 }
 
+template <typename Load>
+MHA_EXT_AVX512 inline float dot_with(const float* a, int64_t n, Load load) {
+  __m512 acc = _mm512_setzero_ps();
+  int64_t j = 0;
+  for (; j + 16 <= n; j += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + j), load(j, static_cast<__mmask16>(0xffff)), acc);
+  if (j < n) {
+    const __mmask16 mask = tail_mask(n - j);
+    acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mask, a + j), load(j, mask), acc);
+  }
+  return _mm512_reduce_add_ps(acc);
+}
+
+template <typename Load>
+MHA_EXT_AVX512 inline void axpy_with(int64_t n, float a, float* y, Load load) {
+  const __m512 va = _mm512_set1_ps(a);
+  int64_t j = 0;
+  for (; j + 16 <= n; j += 16)
+    _mm512_storeu_ps(y + j, _mm512_fmadd_ps(va, load(j, static_cast<__mmask16>(0xffff)), _mm512_loadu_ps(y + j)));
+  if (j < n) {
+    const __mmask16 mask = tail_mask(n - j);
+    _mm512_mask_storeu_ps(y + j, mask, _mm512_fmadd_ps(va, load(j, mask), _mm512_maskz_loadu_ps(mask, y + j)));
+  }
+}
+
+MHA_EXT_AVX512 float dot_avx512(const float* a, const float* b, int64_t n) { return dot_with(a, n, FloatLanes{b}); }
+MHA_EXT_AVX512 float dot_bf16_avx512(const float* a, const uint16_t* b, int64_t n) {
+  return dot_with(a, n, Bf16Lanes{b});
+}
+MHA_EXT_AVX512 void axpy_avx512(int64_t n, float a, const float* x, float* y) { axpy_with(n, a, y, FloatLanes{x}); }
+MHA_EXT_AVX512 void axpy_bf16_avx512(int64_t n, float a, const uint16_t* x, float* y) {
+  axpy_with(n, a, y, Bf16Lanes{x});
+}
+
 MHA_EXT_AVX512 void softmax_grad_avx512(float* p, float* ds, int64_t n, float lse, float delta) {
   const __m512 vlse = _mm512_set1_ps(lse), vdelta = _mm512_set1_ps(delta);
   int64_t j = 0;
@@ -182,7 +216,8 @@ MHA_EXT_AVX512 void softmax_grad_avx512(float* p, float* ds, int64_t n, float ls
 
 constexpr RowOps kAvx512RowOps{"avx512", max_avx512, scale_max_avx512, scale_add_max_avx512,
                                scale_add_max_bf16_avx512, exp_shifted_sum_avx512, exp_shifted_sum_bf16_avx512,
-                               to_bf16_avx512, softmax_grad_avx512};
+                               to_bf16_avx512, dot_avx512, dot_bf16_avx512, axpy_avx512, axpy_bf16_avx512,
+                               softmax_grad_avx512};
 
 }  // namespace
 
