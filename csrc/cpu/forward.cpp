@@ -22,7 +22,8 @@ struct NoDropout {
 };
 
 // The forward's two tile products, S = scale Q K^T + masks and O += P V, in the accumulation type: Q scaled
-// into a copy, K^T from KeyTiles, P in place in the score tile.
+// into a copy, K^T from KeyTiles, P in place in the score tile. Decode-sized bf16 tiles (fewer than
+// kBlasMinRows query rows) read the K/V rows themselves instead of a converted copy.
 template <typename scalar_t>
 class FloatTileProducts {
  public:
