@@ -1,8 +1,8 @@
 #include "cpu/gemm.h"
 #include "cpu/row_ops.h"
+#include "cpu/vec_dot.h"
 
 #include <ATen/Context.h>
-#include <ATen/cpu/vec/vec.h>
 #include <ATen/native/CPUBlas.h>
 #include <c10/util/Exception.h>
 
@@ -46,32 +46,11 @@ void scale_rows(int64_t M, int64_t N, T beta, T* C, int64_t ldc) {
   }
 }
 
-// c[0:n] += a * b[0:n]
+// c[0:n] += a * b[0:n] and sum(a[0:n] * b[0:n]): float ones in the row passes' ISA (AVX-512 where present).
 inline void axpy(int64_t n, float a, const float* b, float* c) { row_ops().axpy(n, a, b, c); }
-
-template <typename T>
-inline void axpy(int64_t n, T a, const T* b, T* c) {
-  using Vec = at::vec::Vectorized<T>;
-  const Vec va(a);
-  int64_t j = 0;
-  for (; j + Vec::size() <= n; j += Vec::size()) {
-    at::vec::fmadd(va, Vec::loadu(b + j), Vec::loadu(c + j)).store(c + j);
-  }
-  for (; j < n; ++j) c[j] += a * b[j];
-}
-
+inline void axpy(int64_t n, double a, const double* b, double* c) { vec_axpy(n, a, b, c); }
 inline float dot(int64_t n, const float* a, const float* b) { return row_ops().dot(a, b, n); }
-
-template <typename T>
-inline T dot(int64_t n, const T* a, const T* b) {
-  using Vec = at::vec::Vectorized<T>;
-  Vec acc(T(0));
-  int64_t k = 0;
-  for (; k + Vec::size() <= n; k += Vec::size()) acc = at::vec::fmadd(Vec::loadu(a + k), Vec::loadu(b + k), acc);
-  T sum = at::vec::vec_reduce_all<T>([](Vec& x, Vec& y) { return x + y; }, acc);
-  for (; k < n; ++k) sum += a[k] * b[k];
-  return sum;
-}
+inline double dot(int64_t n, const double* a, const double* b) { return vec_dot(n, a, b); }
 
 template <typename T>
 void native_gemm(Trans ta, Trans tb, int64_t M, int64_t N, int64_t K, T alpha, const T* A, int64_t lda,

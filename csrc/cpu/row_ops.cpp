@@ -1,6 +1,7 @@
 // The AVX2 row passes (at::vec, compiled with the kernels' flags) and the choice between them and the
 // AVX-512 ones.
 #include "cpu/row_ops.h"
+#include "cpu/vec_dot.h"
 
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
@@ -64,14 +65,7 @@ float exp_shifted_sum_bf16_avx2(float* x, int64_t n, float shift, uint16_t* out)
   return sum;
 }
 
-float dot_avx2(const float* a, const float* b, int64_t n) {
-  Vec acc(0.f);
-  int64_t j = 0;
-  for (; j + Vec::size() <= n; j += Vec::size()) acc = at::vec::fmadd(Vec::loadu(a + j), Vec::loadu(b + j), acc);
-  float sum = at::vec::vec_reduce_all<float>([](Vec& x, Vec& y) { return x + y; }, acc);
-  for (; j < n; ++j) sum += a[j] * b[j];
-  return sum;
-}
+float dot_avx2(const float* a, const float* b, int64_t n) { return vec_dot(n, a, b); }
 
 float dot_bf16_avx2(const float* a, const uint16_t* b, int64_t n) {
   const auto* bf = reinterpret_cast<const c10::BFloat16*>(b);
@@ -80,12 +74,7 @@ float dot_bf16_avx2(const float* a, const uint16_t* b, int64_t n) {
   return sum;
 }
 
-void axpy_avx2(int64_t n, float a, const float* x, float* y) {
-  const Vec va(a);
-  int64_t j = 0;
-  for (; j + Vec::size() <= n; j += Vec::size()) at::vec::fmadd(va, Vec::loadu(x + j), Vec::loadu(y + j)).store(y + j);
-  for (; j < n; ++j) y[j] += a * x[j];
-}
+void axpy_avx2(int64_t n, float a, const float* x, float* y) { vec_axpy(n, a, x, y); }
 
 void axpy_bf16_avx2(int64_t n, float a, const uint16_t* x, float* y) {
   const auto* xf = reinterpret_cast<const c10::BFloat16*>(x);
