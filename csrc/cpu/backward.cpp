@@ -109,9 +109,8 @@ class Bf16GradProducts {
     const AttentionParams& p = kv_head.p;
     const bf16* k = kv_head.k + k0 * p.key.row_stride;
     const bf16* v = kv_head.v + k0 * p.value.row_stride;
-    constexpr int64_t kPairBytes = 2 * sizeof(bf16);
-    transpose32(cols, p.E / 2, k, p.key.row_stride * sizeof(bf16), keys_t_.data(), kBlockK * kPairBytes);
-    transpose32(cols, p.Ev / 2, v, p.value.row_stride * sizeof(bf16), values_t_.data(), kBlockK * kPairBytes);
+    transpose_pairs(cols, p.E, k, p.key.row_stride, keys_t_.data(), kBlockK);
+    transpose_pairs(cols, p.Ev, v, p.value.row_stride, values_t_.data(), kBlockK);
     interleave_row_pairs(cols, p.E, k, p.key.row_stride, key_pairs_.data());
   }
   void start_query_tile(const HeadView<bf16>& head, int64_t q0, int64_t rows, const bf16* d_out,

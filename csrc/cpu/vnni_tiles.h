@@ -38,6 +38,14 @@ inline void interleave_row_pairs(int64_t rows, int64_t cols, const c10::BFloat16
   }
 }
 
+// dst = src^T in VNNI layout, for a product whose inner dimension is src's columns: src is rows x cols bf16
+// (cols even, ld_src elements apart), dst holds cols / 2 pair rows of `rows` pairs, ld_dst pairs apart.
+inline void transpose_pairs(int64_t rows, int64_t cols, const c10::BFloat16* src, int64_t ld_src,
+                            c10::BFloat16* dst, int64_t ld_dst) {
+  constexpr int64_t kPairBytes = 2 * sizeof(c10::BFloat16);
+  transpose32(rows, cols / 2, src, ld_src * sizeof(c10::BFloat16), dst, ld_dst * kPairBytes);
+}
+
 // Whether the kernels can take bf16 inputs through the VNNI tile products: E even (K^T pairs its
 // elements), and the CPU and torch run them (bf16_vnni_available).
 inline bool use_vnni_tiles(const AttentionParams& p) { return p.E % 2 == 0 && bf16_vnni_available(); }
@@ -64,8 +72,7 @@ class VnniKeyValueTiles {
     const int64_t capacity = ring_.capacity();
     const int64_t key_stride = head.p.key.row_stride, value_stride = head.p.value.row_stride;
     ring_.fill(head.k, k0, cols, [&](int64_t c0, int64_t n, int64_t slot) {
-      transpose32(n, E_ / 2, head.k + c0 * key_stride, key_stride * sizeof(c10::BFloat16), keys_t_.data() + 2 * slot,
-                  capacity * 2 * sizeof(c10::BFloat16));
+      transpose_pairs(n, E_, head.k + c0 * key_stride, key_stride, keys_t_.data() + 2 * slot, capacity);
       interleave_row_pairs(n, Ev_, head.v + c0 * value_stride, value_stride, values_.data() + slot * Ev_);
     });
     const int64_t slot = ring_.slot(k0);
