@@ -22,11 +22,12 @@ constexpr int64_t kBlockK = 128;
 constexpr int64_t kMinWorkItems = 32;
 constexpr int64_t kMaxPartialBytes = int64_t(256) << 20;
 
-int64_t choose_kv_blocks(int64_t kv_batch, int64_t k_tiles, int64_t dq_numel, int64_t acc_bytes) {
-  int64_t blocks = std::clamp<int64_t>(ceil_div(kMinWorkItems, std::max<int64_t>(kv_batch, 1)), 1,
-                                       std::max<int64_t>(k_tiles, 1));
+// Key tiles per block of a work item's key tiles.
+int64_t choose_tiles_per_block(int64_t kv_batch, int64_t k_tiles, int64_t dq_numel, int64_t acc_bytes) {
+  const int64_t tiles = std::max<int64_t>(k_tiles, 1);
+  int64_t blocks = std::clamp<int64_t>(ceil_div(kMinWorkItems, std::max<int64_t>(kv_batch, 1)), 1, tiles);
   while (blocks > 1 && (blocks - 1) * dq_numel * acc_bytes > kMaxPartialBytes) --blocks;
-  return blocks;
+  return ceil_div(tiles, blocks);
 }
 
 // delta[r] = rowsum(dO * O) - dLSE: with P = softmax, dS = P * (dP - delta).
@@ -181,9 +182,12 @@ void backward_kernel(const AttentionGradParams& g) {
                            [&](int d) { return has_grad_scores && g.grad_scores.grid_strides[d] == 0; });
   const int64_t k_tiles = ceil_div(S, kBlockK);
   const int64_t dq_numel = N * L * E;
-  const int64_t kv_blocks = choose_kv_blocks(kv_split.outer_count(), k_tiles, dq_numel, sizeof(acc_t));
-  const int64_t tiles_per_block = ceil_div(k_tiles, kv_blocks);
-  at::Tensor dq_partials = kv_blocks > 1 ? at::zeros({kv_blocks - 1, dq_numel}, acc_options) : at::Tensor();
+  const int64_t tiles_per_block = choose_tiles_per_block(kv_split.outer_count(), k_tiles, dq_numel, sizeof(acc_t));
+  // Rounded up, the last blocks could otherwise be empty (4 tiles in 3 blocks: 2 + 2 + 0), each costing a
+  // partial's memory, zeroing and summation for nothing.
+  const int64_t kv_blocks = std::max<int64_t>(ceil_div(k_tiles, tiles_per_block), 1);
+  // Each work item zeroes the rows of its own partial: first touched where they are used.
+  at::Tensor dq_partials = kv_blocks > 1 ? at::empty({kv_blocks - 1, dq_numel}, acc_options) : at::Tensor();
   acc_t* grad_query = static_cast<acc_t*>(g.grad_query);
   const acc_t* lse_all = static_cast<const acc_t*>(p.lse);
 
@@ -197,6 +201,12 @@ void backward_kernel(const AttentionGradParams& g) {
     for (int64_t item = begin; item < end; ++item) {
       const int64_t outer = item / kv_blocks, block = item % kv_blocks;
       acc_t* dq_base = block == 0 ? grad_query : dq_partials.data_ptr<acc_t>() + (block - 1) * dq_numel;
+      if (block > 0) {
+        for (int64_t inner = 0; inner < kv_split.inner_count(); ++inner) {
+          acc_t* rows = dq_base + kv_split.flat(outer, inner) * G * L * E;
+          std::fill(rows, rows + G * L * E, acc_t(0));
+        }
+      }
       const int64_t kt_end = std::min(k_tiles, (block + 1) * tiles_per_block);
       for (int64_t tile = block * tiles_per_block * kv_split.inner_count();
            tile < kt_end * kv_split.inner_count(); ++tile) {
