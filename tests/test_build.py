@@ -34,7 +34,8 @@ def test_build_info_names_what_was_built():
     assert set(info) == {"torch_version", "cpu_isa", "cpu_gemm", "cpu_bf16_products", "cuda", "cuda_archs"}
     assert info["cpu_gemm"] in ("blas", "native")
     assert info["cpu_bf16_products"] in ("vnni", "float")
-    assert info["cpu_isa"].endswith(("row passes avx2", "row passes avx512", "row passes baseline"))
+    assert info["cpu_isa"].endswith(("row passes avx2", "row passes avx512", "row passes avx512+bf16",
+                                     "row passes baseline"))
     assert info["torch_version"] == torch.__version__.split("+")[0]
 
 

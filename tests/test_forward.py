@@ -278,14 +278,25 @@ def test_attention_weights_match_reference_softmax(device, dtype):
     torch.testing.assert_close(reused, weights, atol=0, rtol=0)
 
 
+def _cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            return next((set(line.split(":")[1].split()) for line in cpuinfo if line.startswith("flags")), set())
+    except OSError:
+        return set()
+
+
 @pytest.mark.parametrize("env, info_key, expected", [
     ({"MHA_EXT_CPU_GEMM": "native"}, "cpu_gemm", "native"),
     ({"MHA_EXT_CPU_ISA": "avx2"}, "cpu_isa", "row passes avx2"),
-], ids=["native_gemm", "avx2_row_passes"])
+    pytest.param({"MHA_EXT_CPU_ISA": "avx512"}, "cpu_isa", "row passes avx512", marks=pytest.mark.skipif(
+        not {"avx512f", "avx512bw", "avx512dq", "avx512vl"} <= _cpu_flags(), reason="the CPU lacks AVX-512")),
+], ids=["native_gemm", "avx2_row_passes", "avx512_without_bf16_instructions"])
 def test_fallback_engines_match_reference(env, info_key, expected):
-    """The portable matrix products (used where torch exports no BLAS) and the AVX2 softmax row passes (used
-    on CPUs without AVX-512) give the same results: forward and gradients in float64, forward in float32
-    (whose row passes are the vectorised ones), with odd sizes for the row tails."""
+    """The portable matrix products (used where torch exports no BLAS), the AVX2 softmax row passes (used
+    on CPUs without AVX-512) and the AVX-512 ones without AVX512-BF16's conversions give the same results:
+    forward and gradients in float64, forward and gradients in float32 (whose row passes are the vectorised
+    ones), forward in bfloat16 (the passes rounding probabilities to bf16), with odd sizes for the row tails."""
     import subprocess
     import sys
     import os
@@ -309,6 +320,9 @@ def test_fallback_engines_match_reference(env, info_key, expected):
         "assert_close_to_reference(out, reference_attention(q, k, v, attn_mask=m, is_causal=True), torch.float32);"
         "out.backward(g_out.float());"
         "[torch.testing.assert_close(a.grad.double(), b.grad, atol=1e-4, rtol=1e-4) for a, b in ((qf, qr), (kf, kr), (vf, vr))];"
+        "qb, kb, vb = (t.bfloat16() for t in (q, k, v));"
+        "out = mha_ext.scaled_dot_product_attention(qb, kb, vb, attn_mask=m, is_causal=True);"
+        "assert_close_to_reference(out, reference_attention(qb, kb, vb, attn_mask=m, is_causal=True), torch.bfloat16);"
         "print('ok')"
     )
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -340,6 +354,28 @@ def test_keys_beyond_the_transposed_key_ring():
     assert_close_to_reference(out, expected, torch.float32)
     for ours, ref in zip(inputs, reference_inputs):
         torch.testing.assert_close(ours.grad.double(), ref.grad, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("masks", ["none", "causal_and_bool", "lone_bias"])
+def test_query_tiles_grouped_where_key_values_leave_the_cache(dtype, masks):
+    """Where a kv head's K and V exceed 1 MiB in float (here S = 1100, E = Ev = 128), work items take four
+    64-row query tiles through each key tile (csrc/cpu/forward.cpp): 300 query rows make one full group and a
+    partial one of 44 rows, causality gives each tile its own key span, and GQA shares the kv head."""
+    gen = torch.Generator().manual_seed(zlib.crc32(masks.encode()) + dtype.itemsize)
+    q, k, v = make_qkv(1, 4, 2, 300, 1100, 128, 128, dtype, "cpu", gen)
+    mask = bias = None
+    if masks == "causal_and_bool":
+        mask = torch.rand(1, 1, 300, 1100, generator=gen) > 0.3
+    elif masks == "lone_bias":
+        bias = torch.randn(1, 4, 300, 1100, generator=gen).to(dtype)
+    causal = masks == "causal_and_bool"
+    out, lse = mha_ext.scaled_dot_product_attention(q, k, v, attn_mask=mask, attn_bias=bias, is_causal=causal,
+                                                    enable_gqa=True, return_lse=True)
+    expected, expected_lse = reference_attention(q, k, v, attn_mask=mask, attn_bias=bias, is_causal=causal,
+                                                 return_lse=True)
+    assert_close_to_reference(out, expected, dtype)
+    torch.testing.assert_close(lse.double(), expected_lse, atol=1e-3 if dtype == torch.bfloat16 else 1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("case", ["odd_spans", "unaligned_views", "ring_wraps", "odd_head_dim"])

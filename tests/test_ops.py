@@ -98,8 +98,13 @@ def test_weights_are_not_differentiable(device):
         weights.sum().backward()
 
 
-def test_scale_default_and_explicit():
-    q, k, v, _, _ = sample_inputs("cpu", torch.float64, requires_grad=False)
-    for scale in (None, 0.1, 2.0):
-        out = mha_ext.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=True)
-        assert_close_to_reference(out, reference_attention(q, k, v, scale=scale), torch.float64)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_scale_default_and_explicit(dtype):
+    """Default, small, large and negative scales. Unmasked bf16 scores are scaled inside the exponentials'
+    pass where the scale is positive (its row maximum taken before scaling), elsewhere in a pass of their own;
+    scores in the hundreds overflow exp unless the row maximum is the one of the scaled scores."""
+    q, k, v, _, _ = sample_inputs("cpu", dtype, requires_grad=False)
+    for scale in (None, 0.1, 2.0, -0.7):
+        for q_in in (q, (q.double() * 60).to(dtype)):
+            out = mha_ext.scaled_dot_product_attention(q_in, k, v, scale=scale, enable_gqa=True)
+            assert_close_to_reference(out, reference_attention(q_in, k, v, scale=scale), dtype)

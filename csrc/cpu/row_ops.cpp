@@ -59,7 +59,10 @@ void to_bf16_avx2(const float* x, int64_t n, float scale, uint16_t* out) {
   for (int64_t j = 0; j < n; ++j) dst[j] = c10::BFloat16(scale * x[j]);
 }
 
-float exp_shifted_sum_bf16_avx2(float* x, int64_t n, float shift, uint16_t* out) {
+float exp_shifted_sum_bf16_avx2(float* x, int64_t n, float scale, float shift, uint16_t* out) {
+  if (scale != 1.f) {
+    for (int64_t j = 0; j < n; ++j) x[j] *= scale;
+  }
   const float sum = exp_shifted_sum_avx2(x, n, shift);
   to_bf16_avx2(x, n, 1.f, out);
   return sum;
@@ -98,7 +101,8 @@ constexpr RowOps kAvx2RowOps{kBaseIsa, max_avx2, scale_max_avx2, scale_add_max_a
 const RowOps& choose_row_ops() {
   const char* env = std::getenv("MHA_EXT_CPU_ISA");
   const bool force_avx2 = env != nullptr && std::strcmp(env, "avx2") == 0;
-  const RowOps* wide = force_avx2 ? nullptr : avx512_row_ops();
+  const bool without_bf16 = env != nullptr && std::strcmp(env, "avx512") == 0;
+  const RowOps* wide = force_avx2 ? nullptr : avx512_row_ops(!without_bf16);
   return wide != nullptr ? *wide : kAvx2RowOps;
 }
 

@@ -1,7 +1,8 @@
 // The float row passes of the softmax (row maximum, shifted exponentials, the softmax gradient), in the
 // widest vector ISA this CPU has: AVX-512 where present, else AVX2. The kernels are compiled for AVX2, so
 // the AVX-512 versions live in their own file with per-function target attributes and are picked once, at
-// run time (MHA_EXT_CPU_ISA=avx2 forces the AVX2 versions).
+// run time, with AVX512-BF16's conversion instruction where present (MHA_EXT_CPU_ISA=avx2 forces the AVX2
+// versions, MHA_EXT_CPU_ISA=avx512 AVX-512 without the BF16 instructions).
 #pragma once
 
 #include <cstdint>
@@ -20,9 +21,10 @@ struct RowOps {
   float (*scale_add_max_bf16)(float* x, int64_t n, float scale, const uint16_t* add);
   // x[j] = exp(x[j] - shift) for j < n; returns their sum. exp(-inf) = 0.
   float (*exp_shifted_sum)(float* x, int64_t n, float shift);
-  // out[j] = bf16(exp(x[j] - shift)) (round to nearest even) for j < n; returns the sum of the float values.
-  // x may be overwritten. out holds the bit patterns of c10::BFloat16.
-  float (*exp_shifted_sum_bf16)(float* x, int64_t n, float shift, uint16_t* out);
+  // out[j] = bf16(exp(scale * x[j] - shift)) (round to nearest even) for j < n; returns the sum of the float
+  // values. x may be overwritten. out holds the bit patterns of c10::BFloat16. The AVX-512 versions compute exp to
+  // a relative 3e-6 (far below bf16's 4e-3 rounding step) and may flush denormal results to 0.
+  float (*exp_shifted_sum_bf16)(float* x, int64_t n, float scale, float shift, uint16_t* out);
   // out[j] = bf16(scale * x[j]), round to nearest even.
   void (*to_bf16)(const float* x, int64_t n, float scale, uint16_t* out);
   // Decode-sized products (a query row against key and value rows): sum(a[j] * b[j]) and y[j] += a * x[j]
@@ -39,7 +41,8 @@ struct RowOps {
 // The row passes for this process, chosen on first use.
 const RowOps& row_ops();
 
-// The AVX-512 versions, or nullptr where this CPU (or its OS) lacks AVX-512 F/BW/DQ/VL.
-const RowOps* avx512_row_ops();
+// The AVX-512 versions, or nullptr where this CPU (or its OS) lacks AVX-512 F/BW/DQ/VL; with
+// with_bf16_instructions and an AVX512-BF16 CPU, the ones rounding to bf16 in hardware.
+const RowOps* avx512_row_ops(bool with_bf16_instructions);
 
 }  // namespace mha_ext::cpu
