@@ -214,11 +214,18 @@ struct HeadView : HeadPointers<scalar_t> {
     const AdditiveType type = is_mask ? p.mask_add_type : p.bias_type;
     const int64_t offset = row * op.row_stride + k0;
     const void* base = is_mask ? mask_add : bias;
-    if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
-      if (type == AdditiveType::kSameAsQuery) {
-        return row_ops().scale_add_max_bf16(s, n, scale, reinterpret_cast<const uint16_t*>(
-                                                             static_cast<const scalar_t*>(base) + offset));
-      }
+    const bool bf16_addend = std::is_same_v<scalar_t, c10::BFloat16> && type == AdditiveType::kSameAsQuery;
+    // A tile reads its rows' addend segments from as many pages, more than the hardware prefetchers track:
+    // fetching the next row's segment while this one is added hides their first misses (fp32 bias
+    // (1, 16, 2048, 2048) forward: 1.35 -> 1.27 x the unmasked time here).
+    if (op.row_stride != 0 && row + 1 < p.L) {
+      const int64_t bytes = n * (bf16_addend ? 2 : 4);
+      const char* next = static_cast<const char*>(base) + (offset + op.row_stride) * (bf16_addend ? 2 : 4);
+      for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(next + b);
+    }
+    if (bf16_addend) {
+      return row_ops().scale_add_max_bf16(s, n, scale, reinterpret_cast<const uint16_t*>(
+                                                           static_cast<const scalar_t*>(base) + offset));
     }
     return row_ops().scale_add_max(s, n, scale, static_cast<const float*>(base) + offset);
   }
