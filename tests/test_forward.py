@@ -378,6 +378,24 @@ def test_query_tiles_grouped_where_key_values_leave_the_cache(dtype, masks):
     torch.testing.assert_close(lse.double(), expected_lse, atol=1e-3 if dtype == torch.bfloat16 else 1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16])
+@pytest.mark.parametrize("masks", ["none", "bool_and_bias", "causal"])
+def test_wide_query_tiles_at_large_head_dims(dtype, masks):
+    """Float products at head dims from 256 without causality take 256-row query tiles (csrc/cpu/forward.cpp):
+    300 query rows make a full tile and a 44-row one, with E = 256 and Ev = 320, a bool mask and a bias
+    together; causal runs keep 64-row tiles."""
+    gen = torch.Generator().manual_seed(zlib.crc32(masks.encode()) + dtype.itemsize)
+    q, k, v = make_qkv(2, 2, 2, 300, 301, 256, 320, dtype, "cpu", gen)
+    mask = bias = None
+    if masks == "bool_and_bias":
+        mask = torch.rand(2, 1, 1, 301, generator=gen) > 0.4
+        bias = torch.randn(2, 300, 301, generator=gen).to(dtype)
+    causal = masks == "causal"
+    out = mha_ext.scaled_dot_product_attention(q, k, v, attn_mask=mask, attn_bias=bias, is_causal=causal)
+    expected = reference_attention(q, k, v, attn_mask=mask, attn_bias=bias, is_causal=causal)
+    assert_close_to_reference(out, expected, dtype)
+
+
 @pytest.mark.parametrize("case", ["odd_spans", "unaligned_views", "ring_wraps", "odd_head_dim"])
 def test_bf16_tile_products_match_reference(case):
     """bf16 inputs multiplied as bf16 (the VNNI tile products, where the CPU has them) and widened to float32

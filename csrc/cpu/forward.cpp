@@ -28,8 +28,8 @@ template <typename scalar_t>
 class FloatTileProducts {
  public:
   using acc_t = acc_type<scalar_t>;
-  explicit FloatTileProducts(const AttentionParams& p)
-      : q_buf_(kBlockQ * p.E), v_buf_(kBlockK * p.Ev), keys_(p, kBlockK) {}
+  FloatTileProducts(const AttentionParams& p, int64_t tile_rows)
+      : q_buf_(tile_rows * p.E), v_buf_(kBlockK * p.Ev), keys_(p, kBlockK) {}
 
   void start_query_tile(const HeadView<scalar_t>& head, int64_t q0, int64_t rows) {
     q_scaled_ = head.scaled_query_rows(q0, rows, q_buf_.data());
@@ -101,8 +101,8 @@ class FloatTileProducts {
 class Bf16TileProducts {
  public:
   using acc_t = float;
-  explicit Bf16TileProducts(const AttentionParams& p)
-      : probs_(kBlockQ * kBlockK),
+  Bf16TileProducts(const AttentionParams& p, int64_t tile_rows)
+      : probs_(tile_rows * kBlockK),
         tiles_(p, kBlockK),
         scale_(static_cast<float>(p.scale)),
         has_masks_(p.is_causal || p.has_bool_mask || p.mask_add_type != AdditiveType::kNone ||
@@ -160,15 +160,27 @@ class Bf16TileProducts {
   VnniKeyValueTiles::Operands operands_{};
 };
 
-// A kv head's K and V, in the accumulation type, above this size stream from L3 for every query tile
-// (this machine's L2 is 2 MiB). Work items then take kGroupedQueryTiles query tiles through each key
-// tile in turn, reading K and V a quarter as often: 6-8 % faster for E = 128 at S = 2048 and for E = 64
-// at S = 8192 here. Each query tile keeps its own column span, so causal tiles skip what they did.
-constexpr int64_t kCachedKeyValueBytes = int64_t(1) << 20;
-constexpr int64_t kGroupedQueryTiles = 4;
+// Query rows per tile and query tiles per work item.
+struct QueryTiling {
+  int64_t tile_rows;
+  int64_t tiles_per_item;
+};
 
-int64_t query_tiles_per_item(const AttentionParams& p, int64_t acc_bytes) {
-  return p.S * (p.E + p.Ev) * acc_bytes > kCachedKeyValueBytes ? kGroupedQueryTiles : 1;
+// A kv head's K and V, in the accumulation type, above this size stream from L3 for every query tile when
+// there is more than one key tile (this machine's L2 is 2 MiB).
+constexpr int64_t kCachedKeyValueBytes = int64_t(1) << 20;
+constexpr int64_t kWideTileHeadDim = 256;
+
+// 64-row tiles by default. Float products at head dims from 256 without causality take 256-row tiles:
+// the larger row count amortises each product's pass over its 0.5-1 MB K^T / V operand (MKL packs it per
+// call, brgemm re-reads it from L2 per row block): -6-9 % at E = 256 and 512 here; causal 256-row
+// tiles would compute too much of their diagonal's upper triangle (+16-20 %). Where K and V leave L2
+// (above), a work item takes 4 query tiles through each key tile in turn, reading them a quarter as often:
+// -4-9 % for E = 128 at S = 2048 and -6 % for E = 64 at S = 8192; each tile keeps its own causal span.
+QueryTiling choose_query_tiling(const AttentionParams& p, bool float_products, int64_t acc_bytes) {
+  if (float_products && !p.is_causal && std::max(p.E, p.Ev) >= kWideTileHeadDim) return {4 * kBlockQ, 1};
+  if (p.S > kBlockK && p.S * (p.E + p.Ev) * acc_bytes > kCachedKeyValueBytes) return {kBlockQ, 4};
+  return {kBlockQ, 1};
 }
 
 template <typename scalar_t, typename Products>
@@ -177,11 +189,13 @@ void forward_kernel(const AttentionParams& p) {
   const int64_t L = p.L, S = p.S, Ev = p.Ev;
   // Work items in (batch-head, query tiles) order: consecutive items of a thread read the same kv head, whose
   // packed keys it keeps (KeyTiles, VnniKeyValueTiles).
-  const int64_t group_rows = kBlockQ * query_tiles_per_item(p, sizeof(acc_t));
+  const QueryTiling tiling =
+      choose_query_tiling(p, !std::is_same_v<Products, Bf16TileProducts>, sizeof(acc_t));
+  const int64_t tile_rows = tiling.tile_rows, group_rows = tile_rows * tiling.tiles_per_item;
   const int64_t q_groups = ceil_div(L, group_rows);
   at::parallel_for(0, p.grid.numel * q_groups, 1, [&](int64_t begin, int64_t end) {
-    Scratch<acc_t> scores(kBlockQ * kBlockK), acc(group_rows * Ev), row_max_buf(group_rows), row_sum_buf(group_rows);
-    Products products(p);
+    Scratch<acc_t> scores(tile_rows * kBlockK), acc(group_rows * Ev), row_max_buf(group_rows), row_sum_buf(group_rows);
+    Products products(p, tile_rows);
     acc_t* s = scores.data();
     for (int64_t item = begin; item < end; ++item) {
       const int64_t n = item / q_groups, g0 = (item % q_groups) * group_rows;
@@ -193,8 +207,8 @@ void forward_kernel(const AttentionParams& p) {
 
       const int64_t k_end = p.is_causal ? std::min(S, g0 + g_rows) : S;
       for (int64_t tile_k0 = 0; tile_k0 < k_end; tile_k0 += kBlockK) {
-        for (int64_t q0 = g0; q0 < g0 + g_rows; q0 += kBlockQ) {
-          const int64_t rows = std::min(kBlockQ, g0 + g_rows - q0);
+        for (int64_t q0 = g0; q0 < g0 + g_rows; q0 += tile_rows) {
+          const int64_t rows = std::min(tile_rows, g0 + g_rows - q0);
           const ColumnSpan span = head.active_columns(q0, rows, tile_k0, std::min(kBlockK, k_end - tile_k0));
           if (span.empty()) continue;
           const int64_t k0 = tile_k0 + span.begin, cols = span.size();
