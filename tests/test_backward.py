@@ -234,3 +234,21 @@ def test_shared_bias_gradient_covers_skipped_tiles(padded_batch):
     above_diagonal = ~torch.ones(150, 300, dtype=torch.bool).tril()
     assert (ours.grad[:, above_diagonal] == 0).all()
     torch.testing.assert_close(ours.grad.double(), ref.grad, atol=1e-5, rtol=1e-4)
+
+
+def test_bias_gradient_of_64_mib_on_huge_pages():
+    """A bias gradient of 64 MiB and more is allocated on transparent huge pages (csrc/cpu/huge_pages.cpp):
+    with causality, everything above the diagonal is exactly 0 and the rest matches the reference, on a
+    first and a second call."""
+    gen = torch.Generator().manual_seed(47)
+    q, k, v = (torch.randn(1, 4, 2048, 8, generator=gen) for _ in range(3))
+    bias = torch.randn(1, 4, 2048, 2048, generator=gen)  # 64 MiB in float32
+    grad_out = torch.randn(1, 4, 2048, 8, generator=gen)
+    ref = leaf(bias.double())
+    reference_attention(q.double(), k.double(), v.double(), attn_bias=ref, is_causal=True).backward(grad_out.double())
+    above_diagonal = ~torch.ones(2048, 2048, dtype=torch.bool).tril()
+    for _ in range(2):
+        ours = leaf(bias)
+        mha_ext.scaled_dot_product_attention(q, k, v, attn_bias=ours, is_causal=True).backward(grad_out)
+        assert (ours.grad[..., above_diagonal] == 0).all()
+        torch.testing.assert_close(ours.grad.double(), ref.grad, atol=1e-5, rtol=1e-4)

@@ -63,7 +63,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention
     const std::optional<at::Tensor>& attn_mask, const std::optional<at::Tensor>& attn_bias,
     const at::Tensor& output, const at::Tensor& lse, const std::optional<at::Tensor>& grad_lse, bool is_causal,
     double scale, bool mask_requires_grad, bool bias_requires_grad, double dropout_p,
-    const std::optional<at::Tensor>& rng_state, BackwardKernel kernel, GradScoresLayout grad_scores_layout) {
+    const std::optional<at::Tensor>& rng_state, BackwardKernel kernel, GradScoresLayout grad_scores_layout,
+    GradScoresZeros grad_scores_zeros) {
   PreparedAttention prep = prepare_attention(query, key, value, attn_mask, attn_bias, is_causal, scale);
   prep.params.dropout = dropout_rule(dropout_p, rng_state);
   const at::ScalarType acc = accumulation_dtype(query.scalar_type());
@@ -99,7 +100,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention
       if (bias_requires_grad && attn_bias.has_value()) needing_grad.push_back(*attn_bias);
       shrink_to_broadcast_dims(slab_shape, needing_grad);
     }
-    grad_scores = at::zeros(slab_shape, query.options().dtype(acc));
+    const at::TensorOptions options = query.options().dtype(acc);
+    grad_scores = grad_scores_zeros != nullptr ? grad_scores_zeros(slab_shape, options) : at::zeros(slab_shape, options);
     g.grad_scores = scores_operand(prep, grad_scores.expand(prep.scores_shape));
   }
   g.grad_query = grad_query.data_ptr();

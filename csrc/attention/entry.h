@@ -20,6 +20,9 @@ using DropoutMaskKernel = void (*)(const AttentionParams&, bool* keep);
 // batch-heads they broadcast over (the kernel adds those up without races; no (grid, L, S) buffer).
 enum class GradScoresLayout { kPerBatchHead, kSharedWhereBroadcast };
 
+// Allocates the zero-filled score gradient; nullptr: at::zeros.
+using GradScoresZeros = at::Tensor (*)(at::IntArrayRef shape, const at::TensorOptions& options);
+
 // Accumulation dtype of the kernels for inputs of `dtype`: float64 for float64, else float32.
 at::ScalarType accumulation_dtype(at::ScalarType dtype);
 
@@ -38,7 +41,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention
     const std::optional<at::Tensor>& attn_mask, const std::optional<at::Tensor>& attn_bias,
     const at::Tensor& output, const at::Tensor& lse, const std::optional<at::Tensor>& grad_lse, bool is_causal,
     double scale, bool mask_requires_grad, bool bias_requires_grad, double dropout_p,
-    const std::optional<at::Tensor>& rng_state, BackwardKernel kernel, GradScoresLayout grad_scores_layout);
+    const std::optional<at::Tensor>& rng_state, BackwardKernel kernel, GradScoresLayout grad_scores_layout,
+    GradScoresZeros grad_scores_zeros = nullptr);
 
 // Softmax probabilities (..., Hq, L, S) recomputed from the saved LSE; rows with nothing to attend are 0.
 at::Tensor attention_weights(const at::Tensor& query, const at::Tensor& key,

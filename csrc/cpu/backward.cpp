@@ -9,6 +9,7 @@
 
 #include "attention/entry.h"
 #include "cpu/dropout.h"
+#include "cpu/huge_pages.h"
 #include "cpu/key_tiles.h"
 #include "cpu/vnni_tiles.h"
 
@@ -252,6 +253,7 @@ void backward_kernel(const AttentionGradParams& g) {
               }
               if (grad_scores != nullptr) {
                 acc_t* slab_row = grad_scores + (q0 + i) * S + k0;
+                if (q0 + i + 1 < L) prefetch_segment(slab_row + S, cols * sizeof(acc_t), /*for_write=*/true);
                 for (int64_t j = 0; j < cols; ++j) slab_row[j] += ds_row[j];
               }
             }
@@ -299,6 +301,7 @@ TORCH_LIBRARY_IMPL(mha_ext, CPU, m) {
             const std::optional<at::Tensor>& rng_state) {
            return mha_ext::attention_backward(grad_output, q, k, v, mask, bias, output, lse, grad_lse, is_causal, scale,
                                               mask_requires_grad, bias_requires_grad, dropout_p, rng_state,
-                                              mha_ext::cpu::backward_cpu, mha_ext::GradScoresLayout::kSharedWhereBroadcast);
+                                              mha_ext::cpu::backward_cpu, mha_ext::GradScoresLayout::kSharedWhereBroadcast,
+                                              mha_ext::cpu::zeros_on_huge_pages);
          });
 }

@@ -129,6 +129,21 @@ struct ColumnSpan {
   int64_t size() const { return end - begin; }
 };
 
+// Prefetches `bytes` from `start` for reading, or for writing. A tile reads (or updates) one short
+// segment per row of a (.., L, S) mask, bias or bias gradient, each row on other pages, more pages than
+// the hardware prefetchers track: fetching the next row's segment while this one is used hides its misses
+// (fp32 (1, 16, 2048, 2048) bias forward: 1.34 -> 1.25 x the unmasked time here).
+inline void prefetch_segment(const void* start, int64_t bytes, bool for_write = false) {
+  const char* p = static_cast<const char*>(start);
+  for (int64_t b = 0; b < bytes; b += 64) {
+    if (for_write) {
+      __builtin_prefetch(p + b, 1);
+    } else {
+      __builtin_prefetch(p + b, 0);
+    }
+  }
+}
+
 // Everything about one (batch, query head) pair that the tile routines need.
 template <typename scalar_t>
 struct HeadView : HeadPointers<scalar_t> {
@@ -215,13 +230,9 @@ struct HeadView : HeadPointers<scalar_t> {
     const int64_t offset = row * op.row_stride + k0;
     const void* base = is_mask ? mask_add : bias;
     const bool bf16_addend = std::is_same_v<scalar_t, c10::BFloat16> && type == AdditiveType::kSameAsQuery;
-    // A tile reads its rows' addend segments from as many pages, more than the hardware prefetchers track:
-    // fetching the next row's segment while this one is added hides their first misses (fp32 bias
-    // (1, 16, 2048, 2048) forward: 1.35 -> 1.27 x the unmasked time here).
     if (op.row_stride != 0 && row + 1 < p.L) {
-      const int64_t bytes = n * (bf16_addend ? 2 : 4);
-      const char* next = static_cast<const char*>(base) + (offset + op.row_stride) * (bf16_addend ? 2 : 4);
-      for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(next + b);
+      const int64_t element_bytes = bf16_addend ? 2 : 4;
+      prefetch_segment(static_cast<const char*>(base) + (offset + op.row_stride) * element_bytes, n * element_bytes);
     }
     if (bf16_addend) {
       return row_ops().scale_add_max_bf16(s, n, scale, reinterpret_cast<const uint16_t*>(
@@ -240,8 +251,8 @@ struct HeadView : HeadPointers<scalar_t> {
       if (pre_scale != acc_t(1)) {
         for (int64_t j = 0; j < cols; ++j) s[j] *= pre_scale;
       }
-      add_additive(p.mask_add_type, mask_add, p.mask_add, row, k0, cols, s);
-      add_additive(p.bias_type, bias, p.bias, row, k0, cols, s);
+      add_additive(p.mask_add_type, mask_add, p.mask_add, row, k0, cols, s, row + 1 < p.L);
+      add_additive(p.bias_type, bias, p.bias, row, k0, cols, s, row + 1 < p.L);
       if (bool_mask != nullptr) {
         const bool* m = bool_mask + row * p.bool_mask.row_stride + k0 * p.bool_mask.col_stride;
         for (int64_t j = 0; j < cols; ++j)
@@ -281,13 +292,19 @@ struct HeadView : HeadPointers<scalar_t> {
     }
   }
 
+  // s += the additive operand's row `row` from column k0; prefetches the next row's segment if has_next_row.
   template <typename acc_t>
   static void add_additive(AdditiveType type, const void* base, const Operand& op, int64_t row, int64_t k0,
-                           int64_t cols, acc_t* s) {
+                           int64_t cols, acc_t* s, bool has_next_row) {
+    if (type == AdditiveType::kNone) return;
     const int64_t offset = row * op.row_stride + k0 * op.col_stride;
+    const int64_t element_bytes = type == AdditiveType::kSameAsQuery ? sizeof(scalar_t) : sizeof(float);
+    if (has_next_row && op.row_stride != 0 && op.col_stride == 1) {
+      prefetch_segment(static_cast<const char*>(base) + (offset + op.row_stride) * element_bytes, cols * element_bytes);
+    }
     if (type == AdditiveType::kSameAsQuery) {
       add_row(static_cast<const scalar_t*>(base) + offset, op.col_stride, cols, s);
-    } else if (type == AdditiveType::kFloat32) {
+    } else {
       add_row(static_cast<const float*>(base) + offset, op.col_stride, cols, s);
     }
   }
