@@ -255,8 +255,14 @@ struct HeadView : HeadPointers<scalar_t> {
       add_additive(p.bias_type, bias, p.bias, row, k0, cols, s, row + 1 < p.L);
       if (bool_mask != nullptr) {
         const bool* m = bool_mask + row * p.bool_mask.row_stride + k0 * p.bool_mask.col_stride;
-        for (int64_t j = 0; j < cols; ++j)
-          if (!m[j * p.bool_mask.col_stride]) s[j] = kNegInf<acc_t>;
+        if (p.bool_mask.col_stride == 1) {
+          // A select without a branch or a stride: vectorised (the strided loop ran scalar, 16 % of a
+          // padded bf16 BERT L=128 forward).
+          for (int64_t j = 0; j < cols; ++j) s[j] = m[j] ? s[j] : kNegInf<acc_t>;
+        } else {
+          for (int64_t j = 0; j < cols; ++j)
+            if (!m[j * p.bool_mask.col_stride]) s[j] = kNegInf<acc_t>;
+        }
       }
       if (p.is_causal) {
         for (int64_t j = std::max<int64_t>(row + 1 - k0, 0); j < cols; ++j) s[j] = kNegInf<acc_t>;
