@@ -206,6 +206,7 @@ void forward_kernel(const AttentionParams& p) {
       std::fill(acc.data(), acc.data() + g_rows * Ev, acc_t(0));
 
       const int64_t k_end = p.is_causal ? std::min(S, g0 + g_rows) : S;
+      int64_t started_q0 = -1;  // the query tile the products hold: once per item without groups
       for (int64_t tile_k0 = 0; tile_k0 < k_end; tile_k0 += kBlockK) {
         for (int64_t q0 = g0; q0 < g0 + g_rows; q0 += tile_rows) {
           const int64_t rows = std::min(tile_rows, g0 + g_rows - q0);
@@ -215,7 +216,10 @@ void forward_kernel(const AttentionParams& p) {
           acc_t* m = row_max_buf.data() + (q0 - g0);
           acc_t* l = row_sum_buf.data() + (q0 - g0);
           acc_t* o = acc.data() + (q0 - g0) * Ev;
-          products.start_query_tile(head, q0, rows);
+          if (q0 != started_q0) {
+            products.start_query_tile(head, q0, rows);
+            started_q0 = q0;
+          }
           products.scores(head, q0, rows, k0, cols, s);
           for (int64_t i = 0; i < rows; ++i) {
             acc_t* s_row = s + i * kBlockK;
