@@ -11,16 +11,23 @@ import torch
 from . import _sources
 
 
-def cpu_supports_avx2_fma() -> bool:
-    """Reads the CPU's own flags (not torch's ATEN_CPU_CAPABILITY, which a user may lower on purpose)."""
+def cpu_flags() -> set[str]:
+    """The CPU's own feature flags from /proc/cpuinfo; empty where there is none."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
                 if line.startswith("flags"):
-                    flags = set(line.split(":", 1)[1].split())
-                    return {"avx2", "fma", "f16c"} <= flags
+                    return set(line.split(":", 1)[1].split())
     except OSError:
         pass
+    return set()
+
+
+def cpu_supports_avx2_fma() -> bool:
+    """Reads the CPU's own flags (not torch's ATEN_CPU_CAPABILITY, which a user may lower on purpose)."""
+    flags = cpu_flags()
+    if flags:
+        return {"avx2", "fma", "f16c"} <= flags
     return torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
 
 

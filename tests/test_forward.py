@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import mha_ext
+from mha_ext import _loader
 from conftest import DEVICES, at_thread_counts, assert_close_to_reference, reference_attention
 
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
@@ -278,19 +279,11 @@ def test_attention_weights_match_reference_softmax(device, dtype):
     torch.testing.assert_close(reused, weights, atol=0, rtol=0)
 
 
-def _cpu_flags() -> set[str]:
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            return next((set(line.split(":")[1].split()) for line in cpuinfo if line.startswith("flags")), set())
-    except OSError:
-        return set()
-
-
 @pytest.mark.parametrize("env, info_key, expected", [
     ({"MHA_EXT_CPU_GEMM": "native"}, "cpu_gemm", "native"),
     ({"MHA_EXT_CPU_ISA": "avx2"}, "cpu_isa", "row passes avx2"),
     pytest.param({"MHA_EXT_CPU_ISA": "avx512"}, "cpu_isa", "row passes avx512", marks=pytest.mark.skipif(
-        not {"avx512f", "avx512bw", "avx512dq", "avx512vl"} <= _cpu_flags(), reason="the CPU lacks AVX-512")),
+        not {"avx512f", "avx512bw", "avx512dq", "avx512vl"} <= _loader.cpu_flags(), reason="the CPU lacks AVX-512")),
 ], ids=["native_gemm", "avx2_row_passes", "avx512_without_bf16_instructions"])
 def test_fallback_engines_match_reference(env, info_key, expected):
     """The portable matrix products (used where torch exports no BLAS), the AVX2 softmax row passes (used

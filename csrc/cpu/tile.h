@@ -229,12 +229,8 @@ struct HeadView : HeadPointers<scalar_t> {
     const AdditiveType type = is_mask ? p.mask_add_type : p.bias_type;
     const int64_t offset = row * op.row_stride + k0;
     const void* base = is_mask ? mask_add : bias;
-    const bool bf16_addend = std::is_same_v<scalar_t, c10::BFloat16> && type == AdditiveType::kSameAsQuery;
-    if (op.row_stride != 0 && row + 1 < p.L) {
-      const int64_t element_bytes = bf16_addend ? 2 : 4;
-      prefetch_segment(static_cast<const char*>(base) + (offset + op.row_stride) * element_bytes, n * element_bytes);
-    }
-    if (bf16_addend) {
+    if (row + 1 < p.L) prefetch_next_addend_row(type, base, op, offset, n);
+    if (std::is_same_v<scalar_t, c10::BFloat16> && type == AdditiveType::kSameAsQuery) {
       return row_ops().scale_add_max_bf16(s, n, scale, reinterpret_cast<const uint16_t*>(
                                                            static_cast<const scalar_t*>(base) + offset));
     }
@@ -298,16 +294,22 @@ struct HeadView : HeadPointers<scalar_t> {
     }
   }
 
+  // Prefetches the segment of `cols` elements one row after element `offset` of an additive operand read
+  // with unit column stride (see prefetch_segment); nothing for one broadcast along rows.
+  static void prefetch_next_addend_row(AdditiveType type, const void* base, const Operand& op, int64_t offset,
+                                       int64_t cols) {
+    if (op.row_stride == 0 || op.col_stride != 1) return;
+    const int64_t element_bytes = type == AdditiveType::kSameAsQuery ? sizeof(scalar_t) : sizeof(float);
+    prefetch_segment(static_cast<const char*>(base) + (offset + op.row_stride) * element_bytes, cols * element_bytes);
+  }
+
   // s += the additive operand's row `row` from column k0; prefetches the next row's segment if has_next_row.
   template <typename acc_t>
   static void add_additive(AdditiveType type, const void* base, const Operand& op, int64_t row, int64_t k0,
                            int64_t cols, acc_t* s, bool has_next_row) {
     if (type == AdditiveType::kNone) return;
     const int64_t offset = row * op.row_stride + k0 * op.col_stride;
-    const int64_t element_bytes = type == AdditiveType::kSameAsQuery ? sizeof(scalar_t) : sizeof(float);
-    if (has_next_row && op.row_stride != 0 && op.col_stride == 1) {
-      prefetch_segment(static_cast<const char*>(base) + (offset + op.row_stride) * element_bytes, cols * element_bytes);
-    }
+    if (has_next_row) prefetch_next_addend_row(type, base, op, offset, cols);
     if (type == AdditiveType::kSameAsQuery) {
       add_row(static_cast<const scalar_t*>(base) + offset, op.col_stride, cols, s);
     } else {
