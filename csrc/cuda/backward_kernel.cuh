@@ -8,10 +8,6 @@
 // is written by one thread summing in a fixed order: bitwise reproducible.
 #pragma once
 
-#include <ATen/core/Tensor.h>
-#include <ATen/ops/empty.h>
-#include <c10/cuda/CUDAFunctions.h>
-
 #include <algorithm>
 
 #include "cuda/kernel_traits.cuh"
@@ -48,17 +44,23 @@ struct ProbAndGrad {
   acc_t grad_score;  // dS = P * (Z * dO . v - delta)
 };
 
-// For one in-bounds (query row, key row) pair of batch-head n, from their rows in shared memory.
+// For one in-bounds (query row, key row) pair of batch-head n, given dot_qk = q . k and dot_dov = dO . v.
+template <typename scalar_t, typename acc_t>
+__device__ __forceinline__ ProbAndGrad<acc_t> prob_and_grad_from_dots(const HeadView<scalar_t>& head, int64_t n,
+                                                                      int64_t row, int64_t col, acc_t dot_qk,
+                                                                      acc_t dot_dov, acc_t lse, acc_t delta) {
+  const acc_t prob = lse == neg_inf<acc_t>() ? acc_t(0) : exp_acc(head.score(row, col, dot_qk) - lse);
+  const acc_t factor = dropout_factor<acc_t>(head.p.dropout, n, row, col);
+  return {prob * factor, prob * (factor * dot_dov - delta)};
+}
+
+// prob_and_grad_from_dots from the pair's rows in shared memory.
 template <typename scalar_t, typename acc_t>
 __device__ __forceinline__ ProbAndGrad<acc_t> prob_and_grad(const HeadView<scalar_t>& head, int64_t n, int64_t row,
-                                                            int64_t col,
-                                                            const acc_t* q_row, const acc_t* k_row, int E,
+                                                            int64_t col, const acc_t* q_row, const acc_t* k_row, int E,
                                                             const acc_t* grad_out_row, const acc_t* v_row, int Ev,
                                                             acc_t lse, acc_t delta) {
-  const acc_t prob =
-      lse == neg_inf<acc_t>() ? acc_t(0) : exp_acc(head.score(row, col, dot(q_row, k_row, E)) - lse);
-  const acc_t factor = dropout_factor<acc_t>(head.p.dropout, n, row, col);
-  return {prob * factor, prob * (factor * dot(grad_out_row, v_row, Ev) - delta)};
+  return prob_and_grad_from_dots(head, n, row, col, dot(q_row, k_row, E), dot(grad_out_row, v_row, Ev), lse, delta);
 }
 
 template <typename scalar_t, typename Traits>
@@ -70,8 +72,8 @@ __global__ void __launch_bounds__(kThreads)
   const int E = static_cast<int>(p.E), Ev = static_cast<int>(p.Ev);
   const int ld_qk = padded(E), ld_v = padded(Ev), ld_s = padded(kBlockK);
   const auto layout = Traits::layout(E, Ev);
-  extern __shared__ __align__(16) unsigned char smem_bytes[];
-  acc_t* smem = reinterpret_cast<acc_t*>(smem_bytes);
+  extern __shared__ __align__(128) unsigned char shared_memory[];
+  acc_t* smem = reinterpret_cast<acc_t*>(shared_memory);
   acc_t* k_tile = smem + layout.k;
   acc_t* v_tile = smem + layout.v;
   acc_t* grad_k = smem + layout.grad_k;
@@ -86,11 +88,8 @@ __global__ void __launch_bounds__(kThreads)
   const acc_t* lse_all = static_cast<const acc_t*>(p.lse);
 
   const int64_t G = p.grid.group;
-  const int64_t k_tiles = ceil_div(p.S, kBlockK);
-  for (int64_t item = blockIdx.x; item < (p.grid.numel / G) * k_tiles; item += gridDim.x) {
-    const int64_t m = item / k_tiles;  // kv batch: query heads m * G ... m * G + G - 1 share its K/V
-    const int64_t k0 = (item % k_tiles) * kBlockK;
-    const int cols = static_cast<int>(std::min<int64_t>(kBlockK, p.S - k0));
+  for (int64_t item = blockIdx.x; item < key_tile_items<kBlockK>(p); item += gridDim.x) {
+    const auto [m, k0, cols] = key_tile<kBlockK>(p, item);
     const HeadView<scalar_t> kv_head(p, m * G);
     __syncthreads();  // the previous item is done with shared memory
     load_rows(k_tile, ld_qk, kv_head.k + k0 * p.key.row_stride, p.key.row_stride, cols, kBlockK, E);
@@ -98,49 +97,43 @@ __global__ void __launch_bounds__(kThreads)
     zero_rows(grad_k, ld_qk, kBlockK, E);
     zero_rows(grad_v, ld_v, kBlockK, Ev);
 
-    for (int64_t n = m * G; n < (m + 1) * G; ++n) {
-      const HeadView<scalar_t> head(p, n);
+    for_each_query_tile<kBlockQ, scalar_t>(p, m, k0, cols, [&](int64_t n, const HeadView<scalar_t>& head,
+                                                              int64_t q0, int rows) {
       const scalar_t* grad_out = g.grad_out.ptr<scalar_t>(p.grid, n);
-      // Under causality, query rows before k0 attend none of these keys.
-      const int64_t q_start = p.is_causal ? (k0 / kBlockQ) * kBlockQ : 0;
-      for (int64_t q0 = q_start; q0 < p.L; q0 += kBlockQ) {
-        const int rows = static_cast<int>(std::min<int64_t>(kBlockQ, p.L - q0));
-        if (!head.tile_has_work(q0, rows, k0, cols)) continue;
-        load_rows(q_tile, ld_qk, head.q + q0 * p.query.row_stride, p.query.row_stride, rows, kBlockQ, E);
-        load_rows(grad_out_tile, ld_v, grad_out + q0 * g.grad_out.row_stride, g.grad_out.row_stride, rows, kBlockQ,
-                  Ev);
-        load_row_values(lse, lse_all + n * p.L + q0, rows, kBlockQ, neg_inf<acc_t>());
-        load_row_values(delta, delta_all + n * p.L + q0, rows, kBlockQ, acc_t(0));
-        __syncthreads();
+      load_rows(q_tile, ld_qk, head.q + q0 * p.query.row_stride, p.query.row_stride, rows, kBlockQ, E);
+      load_rows(grad_out_tile, ld_v, grad_out + q0 * g.grad_out.row_stride, g.grad_out.row_stride, rows, kBlockQ,
+                Ev);
+      load_row_values(lse, lse_all + n * p.L + q0, rows, kBlockQ, neg_inf<acc_t>());
+      load_row_values(delta, delta_all + n * p.L + q0, rows, kBlockQ, acc_t(0));
+      __syncthreads();
 
-        for (int idx = threadIdx.x; idx < kBlockQ * kBlockK; idx += kThreads) {
-          const int i = idx / kBlockK, j = idx % kBlockK;
-          ProbAndGrad<acc_t> pg{acc_t(0), acc_t(0)};
-          if (i < rows && j < cols) {
-            pg = prob_and_grad(head, n, q0 + i, k0 + j, q_tile + i * ld_qk, k_tile + j * ld_qk, E,
-                               grad_out_tile + i * ld_v, v_tile + j * ld_v, Ev, lse[i], delta[i]);
-          }
-          probs[i * ld_s + j] = pg.prob;
-          grad_scores[i * ld_s + j] = pg.grad_score;
+      for (int idx = threadIdx.x; idx < kBlockQ * kBlockK; idx += kThreads) {
+        const int i = idx / kBlockK, j = idx % kBlockK;
+        ProbAndGrad<acc_t> pg{acc_t(0), acc_t(0)};
+        if (i < rows && j < cols) {
+          pg = prob_and_grad(head, n, q0 + i, k0 + j, q_tile + i * ld_qk, k_tile + j * ld_qk, E,
+                             grad_out_tile + i * ld_v, v_tile + j * ld_v, Ev, lse[i], delta[i]);
         }
-        __syncthreads();
-
-        // dV += P^T dO;  dK += scale * dS^T Q
-        for (int idx = threadIdx.x; idx < kBlockK * Ev; idx += kThreads) {
-          const int j = idx / Ev, e = idx % Ev;
-          acc_t acc = 0;
-          for (int i = 0; i < rows; ++i) acc += probs[i * ld_s + j] * grad_out_tile[i * ld_v + e];
-          grad_v[j * ld_v + e] += acc;
-        }
-        for (int idx = threadIdx.x; idx < kBlockK * E; idx += kThreads) {
-          const int j = idx / E, e = idx % E;
-          acc_t acc = 0;
-          for (int i = 0; i < rows; ++i) acc += grad_scores[i * ld_s + j] * q_tile[i * ld_qk + e];
-          grad_k[j * ld_qk + e] += scale * acc;
-        }
-        __syncthreads();  // before the next query tile overwrites Q, dO, P and dS
+        probs[i * ld_s + j] = pg.prob;
+        grad_scores[i * ld_s + j] = pg.grad_score;
       }
-    }
+      __syncthreads();
+
+      // dV += P^T dO;  dK += scale * dS^T Q
+      for (int idx = threadIdx.x; idx < kBlockK * Ev; idx += kThreads) {
+        const int j = idx / Ev, e = idx % Ev;
+        acc_t acc = 0;
+        for (int i = 0; i < rows; ++i) acc += probs[i * ld_s + j] * grad_out_tile[i * ld_v + e];
+        grad_v[j * ld_v + e] += acc;
+      }
+      for (int idx = threadIdx.x; idx < kBlockK * E; idx += kThreads) {
+        const int j = idx / E, e = idx % E;
+        acc_t acc = 0;
+        for (int i = 0; i < rows; ++i) acc += grad_scores[i * ld_s + j] * q_tile[i * ld_qk + e];
+        grad_k[j * ld_qk + e] += scale * acc;
+      }
+      __syncthreads();  // before the next query tile overwrites Q, dO, P and dS
+    });
     __syncthreads();  // the accumulators are complete (also when every tile was skipped)
 
     scalar_t* grad_key = static_cast<scalar_t*>(g.grad_key) + (m * p.S + k0) * p.E;
@@ -161,8 +154,8 @@ __global__ void __launch_bounds__(kThreads)
   const int E = static_cast<int>(p.E), Ev = static_cast<int>(p.Ev);
   const int ld_qk = padded(E), ld_v = padded(Ev), ld_s = padded(kBlockK);
   const auto layout = Traits::layout(E, Ev);
-  extern __shared__ __align__(16) unsigned char smem_bytes[];
-  acc_t* smem = reinterpret_cast<acc_t*>(smem_bytes);
+  extern __shared__ __align__(128) unsigned char shared_memory[];
+  acc_t* smem = reinterpret_cast<acc_t*>(shared_memory);
   acc_t* q_tile = smem + layout.q;
   acc_t* grad_out_tile = smem + layout.grad_out;
   acc_t* grad_q = smem + layout.grad_q;
@@ -174,7 +167,7 @@ __global__ void __launch_bounds__(kThreads)
   const acc_t scale = static_cast<acc_t>(p.scale);
   const acc_t* lse_all = static_cast<const acc_t*>(p.lse);
 
-  for (int64_t item = blockIdx.x; item < p.grid.numel * ceil_div(p.L, kBlockQ); item += gridDim.x) {
+  for (int64_t item = blockIdx.x; item < query_tile_items<kBlockQ>(p); item += gridDim.x) {
     const auto [n, q0, rows] = query_tile<kBlockQ>(p, item);
     const HeadView<scalar_t> head(p, n);
     const scalar_t* grad_out = g.grad_out.ptr<scalar_t>(p.grid, n);
@@ -187,10 +180,8 @@ __global__ void __launch_bounds__(kThreads)
     load_row_values(lse, lse_all + n * p.L + q0, rows, kBlockQ, neg_inf<acc_t>());
     load_row_values(delta, delta_all + n * p.L + q0, rows, kBlockQ, acc_t(0));
 
-    const int64_t k_end = p.is_causal ? std::min<int64_t>(p.S, q0 + rows) : p.S;
-    for (int64_t k0 = 0; k0 < k_end; k0 += kBlockK) {
-      const int cols = static_cast<int>(std::min<int64_t>(kBlockK, k_end - k0));
-      if (!head.tile_has_work(q0, rows, k0, cols)) continue;  // dS stays 0 there (zero-filled)
+    // Tiles it skips leave dS at 0 (zero-filled).
+    for_each_key_tile<kBlockK>(head, q0, rows, [&](int64_t k0, int cols) {
       load_rows(k_tile, ld_qk, head.k + k0 * p.key.row_stride, p.key.row_stride, cols, kBlockK, E);
       load_rows(v_tile, ld_v, head.v + k0 * p.value.row_stride, p.value.row_stride, cols, kBlockK, Ev);
       __syncthreads();
@@ -216,7 +207,7 @@ __global__ void __launch_bounds__(kThreads)
         grad_q[i * ld_qk + e] += scale * acc;
       }
       __syncthreads();  // before the next key tile overwrites K, V and dS
-    }
+    });
     __syncthreads();  // the accumulator is complete (also when every tile was skipped)
 
     acc_t* grad_query = static_cast<acc_t*>(g.grad_query) + (n * p.L + q0) * p.E;
@@ -224,25 +215,30 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
+// Kernel 1: delta for every (batch-head, query row), in a buffer that lives as long as the returned tensor.
+template <typename scalar_t>
+at::Tensor run_delta(const AttentionGradParams& g) {
+  using acc_t = acc_type<scalar_t>;
+  const int64_t num_rows = g.fwd.grid.numel * g.fwd.L;
+  at::Tensor delta = device_buffer(num_rows, c10::CppTypeToScalarType<acc_t>::value);
+  launch_kernel(delta_kernel<scalar_t>, ceil_div(num_rows, kWarps), 0, g, delta.data_ptr<acc_t>());
+  return delta;
+}
+
 template <typename scalar_t>
 void run_backward(const AttentionGradParams& g) {
   using acc_t = acc_type<scalar_t>;
   const AttentionParams& p = g.fwd;
   const int E = static_cast<int>(p.E), Ev = static_cast<int>(p.Ev);
-  const int64_t num_rows = p.grid.numel * p.L;
-  const at::Tensor delta = at::empty(
-      {num_rows}, at::TensorOptions()
-                      .dtype(c10::CppTypeToScalarType<acc_t>::value)
-                      .device(at::kCUDA, c10::cuda::current_device()));
-  acc_t* delta_ptr = delta.data_ptr<acc_t>();
-  launch_kernel(delta_kernel<scalar_t>, ceil_div(num_rows, kWarps), 0, g, delta_ptr);
+  const at::Tensor delta = run_delta<scalar_t>(g);
+  const acc_t* delta_ptr = delta.data_ptr<acc_t>();
   MHA_HEADDIM_SWITCH(std::max(E, Ev), kHeadDim, [&] {
     using KeyTraits = TileTraits<scalar_t, kHeadDim, KeyGradSmem>;
     launch_kernel(key_grad_kernel<scalar_t, KeyTraits>,
-                  (p.grid.numel / p.grid.group) * ceil_div(p.S, KeyTraits::kBlockK), KeyTraits::smem_bytes(E, Ev), g,
+                  key_tile_items<KeyTraits::kBlockK>(p), KeyTraits::smem_bytes(E, Ev), g,
                   delta_ptr);
     using QueryTraits = TileTraits<scalar_t, kHeadDim, QueryGradSmem>;
-    launch_kernel(query_grad_kernel<scalar_t, QueryTraits>, p.grid.numel * ceil_div(p.L, QueryTraits::kBlockQ),
+    launch_kernel(query_grad_kernel<scalar_t, QueryTraits>, query_tile_items<QueryTraits::kBlockQ>(p),
                   QueryTraits::smem_bytes(E, Ev), g, delta_ptr);
   });
 }

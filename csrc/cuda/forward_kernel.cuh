@@ -19,8 +19,8 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(const __grid_constant
   const int E = static_cast<int>(p.E), Ev = static_cast<int>(p.Ev);
   const int ld_qk = padded(E), ld_v = padded(Ev), ld_s = padded(kBlockK);
   const auto layout = Traits::layout(E, Ev);
-  extern __shared__ __align__(16) unsigned char smem_bytes[];
-  acc_t* smem = reinterpret_cast<acc_t*>(smem_bytes);
+  extern __shared__ __align__(128) unsigned char shared_memory[];
+  acc_t* smem = reinterpret_cast<acc_t*>(shared_memory);
   acc_t* q_tile = smem + layout.q;
   acc_t* k_tile = smem + layout.k;
   acc_t* v_tile = smem + layout.v;
@@ -31,7 +31,7 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(const __grid_constant
   acc_t* rescale = smem + layout.rescale;
   const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
 
-  for (int64_t item = blockIdx.x; item < p.grid.numel * ceil_div(p.L, kBlockQ); item += gridDim.x) {
+  for (int64_t item = blockIdx.x; item < query_tile_items<kBlockQ>(p); item += gridDim.x) {
     const auto [n, q0, rows] = query_tile<kBlockQ>(p, item);
     const HeadView<scalar_t> head(p, n);
     __syncthreads();  // the previous item is done with shared memory
@@ -42,10 +42,7 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(const __grid_constant
       row_sum[i] = acc_t(0);
     }
 
-    const int64_t k_end = p.is_causal ? std::min<int64_t>(p.S, q0 + rows) : p.S;
-    for (int64_t k0 = 0; k0 < k_end; k0 += kBlockK) {
-      const int cols = static_cast<int>(std::min<int64_t>(kBlockK, k_end - k0));
-      if (!head.tile_has_work(q0, rows, k0, cols)) continue;
+    for_each_key_tile<kBlockK>(head, q0, rows, [&](int64_t k0, int cols) {
       load_rows(k_tile, ld_qk, head.k + k0 * p.key.row_stride, p.key.row_stride, cols, kBlockK, E);
       load_rows(v_tile, ld_v, head.v + k0 * p.value.row_stride, p.value.row_stride, cols, kBlockK, Ev);
       __syncthreads();
@@ -96,7 +93,7 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(const __grid_constant
         out_acc[i * ld_v + e] = acc;
       }
       __syncthreads();  // before the next tile overwrites K, V and the scores
-    }
+    });
     __syncthreads();  // out_acc and the row state are complete (also when every tile was skipped)
 
     scalar_t* out = static_cast<scalar_t*>(p.out) + (n * p.L + q0) * p.Ev;
@@ -116,7 +113,7 @@ void run_forward(const AttentionParams& p) {
   const int E = static_cast<int>(p.E), Ev = static_cast<int>(p.Ev);
   MHA_HEADDIM_SWITCH(std::max(E, Ev), kHeadDim, [&] {
     using Traits = TileTraits<scalar_t, kHeadDim, ForwardSmem>;
-    launch_kernel(forward_kernel<scalar_t, Traits>, p.grid.numel * ceil_div(p.L, Traits::kBlockQ),
+    launch_kernel(forward_kernel<scalar_t, Traits>, query_tile_items<Traits::kBlockQ>(p),
                   Traits::smem_bytes(E, Ev), p);
   });
 }

@@ -7,89 +7,49 @@
 // within a key tile its steps need only __syncwarp; block-wide barriers guard the shared Q, K and V tiles.
 #pragma once
 
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-#include <cuda_runtime.h>
-#include <mma.h>
-
 #include <algorithm>
 
 #include "cuda/kernel_traits.cuh"
 #include "cuda/launch_kernel.cuh"
+#include "cuda/mma.cuh"
 #include "cuda/tile.cuh"
 
 namespace mha_ext::cuda {
-
-// The CUDA type WMMA takes for each 16-bit input dtype (the same bits, so global memory is read as it), and
-// rounding an fp32 value to it (round to nearest even, as torch converts).
-template <typename scalar_t>
-struct MmaOperand;
-template <>
-struct MmaOperand<c10::Half> {
-  using type = __half;
-  __device__ static type round(float x) { return __float2half_rn(x); }
-};
-template <>
-struct MmaOperand<c10::BFloat16> {
-  using type = __nv_bfloat16;
-  __device__ static type round(float x) { return __float2bfloat16_rn(x); }
-};
-
-// acc += A B over `steps` 16-deep slices: slice s of A is the 16 x 16 tile at a + 16 s (row-major, ld_a), of B
-// the one at b + s * b_step (ld_b, in FragmentB's layout).
-template <typename FragmentA, typename FragmentB, typename FragmentAcc, typename mma_t>
-__device__ __forceinline__ void mma_slices(FragmentAcc& acc, const mma_t* a, int ld_a, const mma_t* b, int64_t b_step,
-                                           int ld_b, int steps) {
-  for (int s = 0; s < steps; ++s) {
-    FragmentA a_frag;
-    FragmentB b_frag;
-    nvcuda::wmma::load_matrix_sync(a_frag, a + s * kMmaTile, ld_a);
-    nvcuda::wmma::load_matrix_sync(b_frag, b + s * b_step, ld_b);
-    nvcuda::wmma::mma_sync(acc, a_frag, b_frag, acc);
-  }
-}
 
 template <typename scalar_t, typename Traits>
 __global__ void __launch_bounds__(kThreads) forward_tensor_core_kernel(const __grid_constant__ AttentionParams p) {
 // bf16 WMMA needs sm80. A build for older targets gets an empty body, which the launcher never runs (it
 // checks the architecture of the kernel's image first).
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+#if MHA_SM80_DEVICE_CODE
   namespace wmma = nvcuda::wmma;
   using mma_t = typename MmaOperand<scalar_t>::type;
-  // Q and P are the A operands; K^T is read from K's rows as a column-major B, V's rows as a row-major B.
-  using FragmentA = wmma::fragment<wmma::matrix_a, kMmaTile, kMmaTile, kMmaTile, mma_t, wmma::row_major>;
-  using FragmentKt = wmma::fragment<wmma::matrix_b, kMmaTile, kMmaTile, kMmaTile, mma_t, wmma::col_major>;
-  using FragmentV = wmma::fragment<wmma::matrix_b, kMmaTile, kMmaTile, kMmaTile, mma_t, wmma::row_major>;
-  using FragmentAcc = wmma::fragment<wmma::accumulator, kMmaTile, kMmaTile, kMmaTile, float>;
   constexpr int kBlockQ = Traits::kBlockQ, kBlockK = Traits::kBlockK;
   constexpr int kColsPerLane = kBlockK / kWarpSize;
   static_assert(kBlockQ == kWarps * kMmaTile && kBlockK % kWarpSize == 0 && kBlockK % kMmaTile == 0);
 
-  const int E = static_cast<int>(p.E), Ev = static_cast<int>(p.Ev);
-  const int e_steps = static_cast<int>(ceil_div(E, kMmaTile)), ev_tiles = static_cast<int>(ceil_div(Ev, kMmaTile));
+  const auto [E, Ev, e_tiles, ev_tiles] = mma_head_dims(p);
   const auto layout = Traits::layout(E, Ev);
   const int ld_qk = layout.ld_qk, ld_v = layout.ld_v, ld_s = layout.ld_scores, ld_p = layout.ld_probs,
             ld_o = layout.ld_out;
-  // Global memory read as the WMMA type, so that loads copy bits without a conversion.
-  const auto as_mma = [](const scalar_t* x) { return reinterpret_cast<const mma_t*>(x); };
-  extern __shared__ __align__(128) unsigned char smem[];
-  mma_t* q_tile = reinterpret_cast<mma_t*>(smem + layout.q);
-  mma_t* k_tile = reinterpret_cast<mma_t*>(smem + layout.k);
-  mma_t* v_tile = reinterpret_cast<mma_t*>(smem + layout.v);
-  float* scores = reinterpret_cast<float*>(smem + layout.scores);
-  mma_t* probs = reinterpret_cast<mma_t*>(smem + layout.probs);
-  float* out_acc = reinterpret_cast<float*>(smem + layout.out);
-  float* row_max = reinterpret_cast<float*>(smem + layout.row_max);
-  float* row_sum = reinterpret_cast<float*>(smem + layout.row_sum);
+  mma_t* q_tile = shared_region<mma_t>(layout.q);
+  mma_t* k_tile = shared_region<mma_t>(layout.k);
+  mma_t* v_tile = shared_region<mma_t>(layout.v);
+  float* scores = shared_region<float>(layout.scores);
+  mma_t* probs = shared_region<mma_t>(layout.probs);
+  float* out_acc = shared_region<float>(layout.out);
+  float* row_max = shared_region<float>(layout.row_max);
+  float* row_sum = shared_region<float>(layout.row_sum);
   const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
-  const int strip = warp * kMmaTile;  // the warp's first row in the query tile
+  const int strip = warp * kMmaTile;  // the warp's first row in the query tile, its tile-row `warp`
+  // Q and P are the A operands; K^T is read from K's rows (column-major), V from its rows (row-major).
+  const TileView<mma_t, RowMajor> q_view{q_tile, ld_qk}, probs_view{probs, ld_p}, v_view{v_tile, ld_v};
+  const TileView<mma_t, ColMajor> k_transposed{k_tile, ld_qk};
 
-  for (int64_t item = blockIdx.x; item < p.grid.numel * ceil_div(p.L, kBlockQ); item += gridDim.x) {
+  for (int64_t item = blockIdx.x; item < query_tile_items<kBlockQ>(p); item += gridDim.x) {
     const auto [n, q0, rows] = query_tile<kBlockQ>(p, item);
     const HeadView<scalar_t> head(p, n);
     __syncthreads();  // the previous item is done with shared memory
-    load_tile(q_tile, ld_qk, as_mma(head.q) + q0 * p.query.row_stride, p.query.row_stride, rows, kBlockQ, E,
-              e_steps * kMmaTile);
+    load_operand_tile(q_tile, ld_qk, head.q + q0 * p.query.row_stride, p.query.row_stride, rows, kBlockQ, E);
     zero_rows(out_acc, ld_o, kBlockQ, ev_tiles * kMmaTile);
     for (int i = threadIdx.x; i < kBlockQ; i += kThreads) {
       row_max[i] = neg_inf<float>();
@@ -98,15 +58,10 @@ __global__ void __launch_bounds__(kThreads) forward_tensor_core_kernel(const __g
     // A strip wholly past the last row has nothing to compute; its warp still joins every barrier.
     const bool strip_has_rows = strip < rows;
 
-    const int64_t k_end = p.is_causal ? std::min<int64_t>(p.S, q0 + rows) : p.S;
-    for (int64_t k0 = 0; k0 < k_end; k0 += kBlockK) {
-      const int cols = static_cast<int>(std::min<int64_t>(kBlockK, k_end - k0));
-      if (!head.tile_has_work(q0, rows, k0, cols)) continue;
+    for_each_key_tile<kBlockK>(head, q0, rows, [&](int64_t k0, int cols) {
       // Keys [cols, kBlockK) and head-dim columns up to the next multiple of 16 are zero.
-      load_tile(k_tile, ld_qk, as_mma(head.k) + k0 * p.key.row_stride, p.key.row_stride, cols, kBlockK, E,
-                e_steps * kMmaTile);
-      load_tile(v_tile, ld_v, as_mma(head.v) + k0 * p.value.row_stride, p.value.row_stride, cols, kBlockK, Ev,
-                ev_tiles * kMmaTile);
+      load_operand_tile(k_tile, ld_qk, head.k + k0 * p.key.row_stride, p.key.row_stride, cols, kBlockK, E);
+      load_operand_tile(v_tile, ld_v, head.v + k0 * p.value.row_stride, p.value.row_stride, cols, kBlockK, Ev);
       __syncthreads();
       if (strip_has_rows) {
         const int key_steps = static_cast<int>(ceil_div(cols, kMmaTile));
@@ -116,9 +71,7 @@ __global__ void __launch_bounds__(kThreads) forward_tensor_core_kernel(const __g
         for (int jt = 0; jt < key_steps; ++jt) {
           FragmentAcc dots;
           wmma::fill_fragment(dots, 0.f);
-          // Slices along the head dim: the next 16 columns of Q's rows and of K's rows (K^T's rows).
-          mma_slices<FragmentA, FragmentKt>(dots, q_tile + strip * ld_qk, ld_qk, k_tile + jt * kMmaTile * ld_qk,
-                                            kMmaTile, ld_qk, e_steps);
+          mma_accumulate(dots, q_view, warp, k_transposed, jt, e_tiles);  // slices along the head dim
           wmma::store_matrix_sync(scores + strip * ld_s + jt * kMmaTile, dots, ld_s, wmma::mem_row_major);
         }
         __syncwarp();
@@ -167,14 +120,12 @@ __global__ void __launch_bounds__(kThreads) forward_tensor_core_kernel(const __g
           float* out_tile = out_acc + strip * ld_o + t * kMmaTile;
           FragmentAcc out_frag;
           wmma::load_matrix_sync(out_frag, out_tile, ld_o, wmma::mem_row_major);
-          // Slices along the keys: the next 16 columns of P's rows and the next 16 rows of V.
-          mma_slices<FragmentA, FragmentV>(out_frag, probs + strip * ld_p, ld_p, v_tile + t * kMmaTile,
-                                           kMmaTile * ld_v, ld_v, key_steps);
+          mma_accumulate(out_frag, probs_view, warp, v_view, t, key_steps);  // slices along the keys
           wmma::store_matrix_sync(out_tile, out_frag, ld_o, wmma::mem_row_major);
         }
       }
       __syncthreads();  // before the next tile overwrites K and V
-    }
+    });
     __syncthreads();  // out_acc and the row state are complete (also when every tile was skipped)
 
     // keep_scale is 1 without dropout and 0 when it drops everything.
@@ -192,26 +143,12 @@ __global__ void __launch_bounds__(kThreads) forward_tensor_core_kernel(const __g
 #endif
 }
 
-// Whether the image of `kernel` that runs on the current device was compiled for sm80 or newer. A build
-// without such a target (TORCH_CUDA_ARCH_LIST="7.5", or 7.5 PTX JIT-compiled for a newer GPU) holds only
-// the empty body; a device the build has no image for at all is left to the CUDA-core kernel's launch to
-// report.
-template <typename Kernel>
-bool has_sm80_image(Kernel* kernel) {
-  cudaFuncAttributes attributes;
-  if (cudaFuncGetAttributes(&attributes, kernel) != cudaSuccess) {
-    (void)cudaGetLastError();  // clear it, so that it is not taken for the next launch's error
-    return false;
-  }
-  return attributes.ptxVersion >= 80;
-}
-
 template <typename scalar_t, int kHeadDim>
 bool launch_forward_tensor_cores(const AttentionParams& p) {
   using Traits = ForwardTensorCoreTraits<kHeadDim>;
   const auto kernel = forward_tensor_core_kernel<scalar_t, Traits>;
   if (!has_sm80_image(kernel)) return false;
-  launch_kernel(kernel, p.grid.numel * ceil_div(p.L, Traits::kBlockQ),
+  launch_kernel(kernel, query_tile_items<Traits::kBlockQ>(p),
                 Traits::smem_bytes(static_cast<int>(p.E), static_cast<int>(p.Ev)), p);
   return true;
 }

@@ -14,6 +14,14 @@
 #include "attention/params.h"
 #include "cuda/launch.h"
 
+// Device code that needs sm80 (bf16 WMMA): compiled for sm80+ targets, and as host code by the CPU
+// emulator of the tests (tests/cuda_emulator), which defines MHA_EXT_CUDA_EMULATOR.
+#if (defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800) || defined(MHA_EXT_CUDA_EMULATOR)
+#define MHA_SM80_DEVICE_CODE 1
+#else
+#define MHA_SM80_DEVICE_CODE 0
+#endif
+
 namespace mha_ext::cuda {
 
 constexpr int kThreads = 128;
@@ -160,6 +168,99 @@ struct ForwardTensorCoreTraits {
   MHA_HOST_DEVICE static ForwardTensorCoreSmem layout(int E, int Ev) {
     return ForwardTensorCoreSmem(kBlockQ, kBlockK, E, Ev);
   }
+  static size_t smem_bytes(int E, int Ev) { return size_t(layout(E, Ev).total); }
+};
+
+// ---- Tensor-core backward (backward_tc_kernel.cuh) ----
+
+// Query rows by key rows of a tile pair; both multiples of 16.
+struct TileShape {
+  int block_q, block_k;
+};
+
+// Row lengths shared by the backward's layouts, in elements: 16-bit operand rows of Q/K (ld_qk) and of
+// V/dO (ld_v) padded as in the forward; fp32 rows of the score-sized tiles S and dP (ld_scores); 16-bit
+// rows of P and dS (ld_probs); fp32 rows of the dQ/dK (ld_grad_qk) and dV (ld_grad_v) accumulators.
+struct BackwardTensorCoreRows {
+  int ld_qk, ld_v, ld_scores, ld_probs, ld_grad_qk, ld_grad_v;
+  MHA_HOST_DEVICE constexpr BackwardTensorCoreRows(int block_k, int E, int Ev)
+      : ld_qk(round_up(E, kMmaTile) + 16 / kMmaOperandBytes),
+        ld_v(round_up(Ev, kMmaTile) + 16 / kMmaOperandBytes),
+        ld_scores(block_k + 16 / 4),
+        ld_probs(block_k + 16 / kMmaOperandBytes),
+        ld_grad_qk(round_up(E, kMmaTile) + 16 / 4),
+        ld_grad_v(round_up(Ev, kMmaTile) + 16 / 4) {}
+};
+
+// Bytes of `rows` rows of `ld` elements of `bytes` each, rounded up so that the next region stays aligned
+// for WMMA.
+MHA_HOST_DEVICE constexpr int region_bytes(int rows, int ld, int bytes) {
+  return round_up(rows * ld * bytes, kMmaAlignBytes);
+}
+
+// dK/dV pass: the key tile it owns (K, V and the fp32 dK, dV accumulators), and one query tile at a time:
+// Q, dO, S = Q K^T, dP = dO V^T, the 16-bit P and dS, LSE and delta. Offsets in bytes.
+struct KeyGradTensorCoreSmem : BackwardTensorCoreRows {
+  int k, v, grad_k, grad_v, q, grad_out, scores, grad_probs, probs, grad_scores, lse, delta, total;
+  MHA_HOST_DEVICE constexpr KeyGradTensorCoreSmem(int block_q, int block_k, int E, int Ev)
+      : BackwardTensorCoreRows(block_k, E, Ev),
+        k(0),
+        v(k + region_bytes(block_k, ld_qk, kMmaOperandBytes)),
+        grad_k(v + region_bytes(block_k, ld_v, kMmaOperandBytes)),
+        grad_v(grad_k + region_bytes(block_k, ld_grad_qk, 4)),
+        q(grad_v + region_bytes(block_k, ld_grad_v, 4)),
+        grad_out(q + region_bytes(block_q, ld_qk, kMmaOperandBytes)),
+        scores(grad_out + region_bytes(block_q, ld_v, kMmaOperandBytes)),
+        grad_probs(scores + region_bytes(block_q, ld_scores, 4)),
+        probs(grad_probs + region_bytes(block_q, ld_scores, 4)),
+        grad_scores(probs + region_bytes(block_q, ld_probs, kMmaOperandBytes)),
+        lse(grad_scores + region_bytes(block_q, ld_probs, kMmaOperandBytes)),
+        delta(lse + block_q * 4),
+        total(delta + block_q * 4) {}
+  // Large tiles of the keys it owns first: those are loaded once per work item, queries once per pair.
+  static constexpr TileShape kCandidates[] = {{64, 64}, {32, 64}, {32, 32}, {16, 32}, {16, 16}};
+};
+
+// dQ pass: the query tile it owns (Q, dO and the fp32 dQ accumulator, LSE, delta), and one key tile at a
+// time: K, V, S, dP and the 16-bit dS. Offsets in bytes.
+struct QueryGradTensorCoreSmem : BackwardTensorCoreRows {
+  int q, grad_out, grad_q, k, v, scores, grad_probs, grad_scores, lse, delta, total;
+  MHA_HOST_DEVICE constexpr QueryGradTensorCoreSmem(int block_q, int block_k, int E, int Ev)
+      : BackwardTensorCoreRows(block_k, E, Ev),
+        q(0),
+        grad_out(q + region_bytes(block_q, ld_qk, kMmaOperandBytes)),
+        grad_q(grad_out + region_bytes(block_q, ld_v, kMmaOperandBytes)),
+        k(grad_q + region_bytes(block_q, ld_grad_qk, 4)),
+        v(k + region_bytes(block_k, ld_qk, kMmaOperandBytes)),
+        scores(v + region_bytes(block_k, ld_v, kMmaOperandBytes)),
+        grad_probs(scores + region_bytes(block_q, ld_scores, 4)),
+        grad_scores(grad_probs + region_bytes(block_q, ld_scores, 4)),
+        lse(grad_scores + region_bytes(block_q, ld_probs, kMmaOperandBytes)),
+        delta(lse + block_q * 4),
+        total(delta + block_q * 4) {}
+  // Large tiles of the queries it owns first.
+  static constexpr TileShape kCandidates[] = {{64, 64}, {64, 32}, {32, 64}, {32, 32}, {16, 32}, {16, 16}};
+};
+
+// The first of Layout::kCandidates (in order of preference) that fits the budget at head dim kHeadDim.
+template <typename Layout, int kHeadDim>
+constexpr TileShape first_fitting_shape() {
+  for (const TileShape& shape : Layout::kCandidates) {
+    if (Layout(shape.block_q, shape.block_k, kHeadDim, kHeadDim).total <= kSmemBudgetBytes) return shape;
+  }
+  return {0, 0};
+}
+
+template <typename Layout_, int kHeadDim_>
+struct BackwardTensorCoreTraits {
+  using Layout = Layout_;
+  static constexpr int kHeadDim = kHeadDim_;
+  static constexpr TileShape kShape = first_fitting_shape<Layout, kHeadDim>();
+  static constexpr int kBlockQ = kShape.block_q;
+  static constexpr int kBlockK = kShape.block_k;
+  static_assert(kBlockQ > 0, "no tile of the tensor-core backward fits the shared-memory budget");
+
+  MHA_HOST_DEVICE static Layout layout(int E, int Ev) { return Layout(kBlockQ, kBlockK, E, Ev); }
   static size_t smem_bytes(int E, int Ev) { return size_t(layout(E, Ev).total); }
 };
 

@@ -2,6 +2,8 @@
 // the per-dtype .cu files so that each nvcc job stays small. Plain C++: register.cpp includes it.
 #pragma once
 
+#include <c10/core/ScalarType.h>
+
 #include "attention/params.h"
 
 namespace mha_ext::cuda {
@@ -20,8 +22,18 @@ template <typename scalar_t>
 bool try_forward_tensor_cores(const AttentionParams& p);
 template <typename scalar_t>
 void run_backward(const AttentionGradParams& g);
+// The same for the backward (backward_tc_kernel.cuh): runs it and returns true, or returns false and the
+// caller runs run_backward.
+template <typename scalar_t>
+bool try_backward_tensor_cores(const AttentionGradParams& g);
 template <typename scalar_t>
 void run_weights(const AttentionParams& p, void* weights);
 void run_dropout_mask(const AttentionParams& p, bool* keep);
+
+// The kernels of each op for a runtime input dtype, as entry.h's ForwardKernel / BackwardKernel /
+// WeightsKernel take them (dispatch.cpp).
+void dispatch_forward(const AttentionParams& p, at::ScalarType dtype);
+void dispatch_backward(const AttentionGradParams& g, at::ScalarType dtype);
+void dispatch_weights(const AttentionParams& p, at::ScalarType dtype, void* weights);
 
 }  // namespace mha_ext::cuda

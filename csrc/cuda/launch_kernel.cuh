@@ -1,8 +1,13 @@
-// Host side of every launch: shared-memory opt-in, grid size, torch's current stream, launch check.
+// Host side of every launch: shared-memory opt-in, grid size, torch's current stream, launch check; the
+// architecture of a kernel's image; scratch buffers. tests/cuda_emulator/include/cuda/launch_kernel.cuh
+// stands in for this file when the tests run the kernels on the CPU, and mirrors its interface.
 #pragma once
 
+#include <ATen/core/Tensor.h>
 #include <ATen/cuda/CUDAContext.h>
+#include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAFunctions.h>
 
 #include <algorithm>
 #include <cstdint>
@@ -29,6 +34,26 @@ void launch_kernel(void (*kernel)(KernelArgs...), int64_t items, size_t smem_byt
   const auto blocks = static_cast<unsigned int>(std::min<int64_t>(items, std::numeric_limits<int>::max()));
   kernel<<<blocks, kThreads, smem_bytes, at::cuda::getCurrentCUDAStream()>>>(args...);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// Whether the image of `kernel` that runs on the current device was compiled for sm80 or newer. A build
+// without such a target (TORCH_CUDA_ARCH_LIST="7.5", or 7.5 PTX JIT-compiled for a newer GPU) holds only
+// the empty body; a device the build has no image for at all is left to the CUDA-core kernel's launch to
+// report.
+template <typename Kernel>
+bool has_sm80_image(Kernel* kernel) {
+  cudaFuncAttributes attributes;
+  if (cudaFuncGetAttributes(&attributes, kernel) != cudaSuccess) {
+    (void)cudaGetLastError();  // clear it, so that it is not taken for the next launch's error
+    return false;
+  }
+  return attributes.ptxVersion >= 80;
+}
+
+// An uninitialised buffer of `numel` elements of `dtype` on the current device, freed with the tensor
+// (through torch's caching allocator, in stream order).
+inline at::Tensor device_buffer(int64_t numel, at::ScalarType dtype) {
+  return at::empty({numel}, at::TensorOptions().dtype(dtype).device(at::kCUDA, c10::cuda::current_device()));
 }
 
 }  // namespace mha_ext::cuda

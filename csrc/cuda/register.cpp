@@ -1,11 +1,10 @@
 // The CUDA registrations of the ops: the device-independent bodies of csrc/attention/entry.cpp with the
-// CUDA kernels, on the query's device and torch's current stream of it.
+// CUDA kernels (dispatch.cpp), on the query's device and torch's current stream of it.
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
 #include "attention/entry.h"
 #include "cuda/launch.h"
-#include "cuda/static_switch.h"
 
 namespace mha_ext::cuda {
 namespace {
@@ -23,22 +22,6 @@ std::optional<c10::Device> cuda_device_of(const at::Tensor& query) {
   return query.is_cuda() ? std::optional<c10::Device>(query.device()) : std::nullopt;
 }
 
-// fp16/bf16 run on tensor cores where try_forward_tensor_cores can (sm80+, E and Ev <= 128), the rest on
-// CUDA cores.
-void forward_cuda(const AttentionParams& p, at::ScalarType dtype) {
-  if (dtype == at::kHalf && try_forward_tensor_cores<c10::Half>(p)) return;
-  if (dtype == at::kBFloat16 && try_forward_tensor_cores<c10::BFloat16>(p)) return;
-  MHA_DTYPE_SWITCH(dtype, scalar_t, [&] { run_forward<scalar_t>(p); });
-}
-
-void backward_cuda(const AttentionGradParams& g, at::ScalarType dtype) {
-  MHA_DTYPE_SWITCH(dtype, scalar_t, [&] { run_backward<scalar_t>(g); });
-}
-
-void weights_cuda(const AttentionParams& p, at::ScalarType dtype, void* weights) {
-  MHA_DTYPE_SWITCH(dtype, scalar_t, [&] { run_weights<scalar_t>(p, weights); });
-}
-
 }  // namespace
 }  // namespace mha_ext::cuda
 
@@ -51,7 +34,7 @@ TORCH_LIBRARY_IMPL(mha_ext, CUDA, m) {
     check_head_dim(q, "query's head dim E");
     check_head_dim(v, "value's head dim Ev");
     const c10::cuda::OptionalCUDAGuard guard(cuda_device_of(q));
-    return mha_ext::attention_forward(q, k, v, mask, bias, is_causal, scale, dropout_p, rng_state, forward_cuda);
+    return mha_ext::attention_forward(q, k, v, mask, bias, is_causal, scale, dropout_p, rng_state, dispatch_forward);
   });
   m.impl("attention_backward",
          [](const at::Tensor& grad_output, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
@@ -64,14 +47,14 @@ TORCH_LIBRARY_IMPL(mha_ext, CUDA, m) {
            const c10::cuda::OptionalCUDAGuard guard(cuda_device_of(q));
            return mha_ext::attention_backward(grad_output, q, k, v, mask, bias, output, lse, grad_lse, is_causal,
                                               scale, mask_requires_grad, bias_requires_grad, dropout_p, rng_state,
-                                              backward_cuda, mha_ext::GradScoresLayout::kPerBatchHead);
+                                              dispatch_backward, mha_ext::GradScoresLayout::kPerBatchHead);
          });
   m.impl("attention_weights", [](const at::Tensor& q, const at::Tensor& k, const std::optional<at::Tensor>& mask,
                                  const std::optional<at::Tensor>& bias, const at::Tensor& lse, bool is_causal,
                                  double scale) {
     check_head_dim(q, "query's head dim E");
     const c10::cuda::OptionalCUDAGuard guard(cuda_device_of(q));
-    return mha_ext::attention_weights(q, k, mask, bias, lse, is_causal, scale, weights_cuda);
+    return mha_ext::attention_weights(q, k, mask, bias, lse, is_causal, scale, dispatch_weights);
   });
   m.impl("attention_dropout_mask",
          [](const at::Tensor& q, const at::Tensor& k, double dropout_p, const at::Tensor& rng_state) {

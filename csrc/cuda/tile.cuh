@@ -90,10 +90,42 @@ struct QueryTile {
 };
 
 template <int kBlockQ>
+MHA_HOST_DEVICE int64_t query_tile_items(const AttentionParams& p) {
+  return p.grid.numel * ceil_div(p.L, kBlockQ);
+}
+
+template <int kBlockQ>
 __device__ __forceinline__ QueryTile query_tile(const AttentionParams& p, int64_t item) {
   const int64_t q_tiles = ceil_div(p.L, kBlockQ);
   const int64_t q0 = item % q_tiles * kBlockQ;
   return {item / q_tiles, q0, static_cast<int>(std::min<int64_t>(kBlockQ, p.L - q0))};
+}
+
+// A work item of the dK/dV kernels, item = m * key tiles + tile: it owns the tile's keys of kv batch m,
+// which the query heads m * G ... m * G + G - 1 share (GQA).
+struct KeyTile {
+  int64_t m;   // kv batch
+  int64_t k0;  // first key row
+  int cols;    // key rows in the tile: kBlockK, fewer in the last tile of a head
+};
+
+template <int kBlockK>
+MHA_HOST_DEVICE int64_t key_tile_items(const AttentionParams& p) {
+  return p.grid.numel / p.grid.group * ceil_div(p.S, kBlockK);
+}
+
+template <int kBlockK>
+__device__ __forceinline__ KeyTile key_tile(const AttentionParams& p, int64_t item) {
+  const int64_t k_tiles = ceil_div(p.S, kBlockK);
+  const int64_t k0 = item % k_tiles * kBlockK;
+  return {item / k_tiles, k0, static_cast<int>(std::min<int64_t>(kBlockK, p.S - k0))};
+}
+
+// The launch's dynamic shared memory from byte `offset` on, as T (the layouts' byte offsets).
+template <typename T>
+__device__ __forceinline__ T* shared_region(int offset) {
+  extern __shared__ __align__(128) unsigned char shared_memory[];
+  return reinterpret_cast<T*>(shared_memory + offset);
 }
 
 // Everything about one (batch, query head) pair that the kernels read from global memory.
@@ -148,5 +180,33 @@ struct HeadView : HeadPointers<scalar_t> {
     }
   }
 };
+
+// Block-wide, in a fixed order: visit(k0, cols) for each tile of kBlockK keys (cols of them, fewer in the
+// last) that query rows [q0, q0 + rows) of `head` have work with. Causality ends the keys at q0 + rows - 1;
+// HeadView::tile_has_work skips the rest.
+template <int kBlockK, typename scalar_t, typename Visit>
+__device__ __forceinline__ void for_each_key_tile(const HeadView<scalar_t>& head, int64_t q0, int rows, Visit&& visit) {
+  const int64_t k_end = head.p.is_causal ? std::min<int64_t>(head.p.S, q0 + rows) : head.p.S;
+  for (int64_t k0 = 0; k0 < k_end; k0 += kBlockK) {
+    const int cols = static_cast<int>(std::min<int64_t>(kBlockK, k_end - k0));
+    if (head.tile_has_work(q0, rows, k0, cols)) visit(k0, cols);
+  }
+}
+
+// Block-wide, in a fixed order: visit(n, head, q0, rows) for each query head n of kv batch m (the G heads
+// sharing its K/V) and each of its tiles of kBlockQ query rows that has work with keys [k0, k0 + cols).
+template <int kBlockQ, typename scalar_t, typename Visit>
+__device__ __forceinline__ void for_each_query_tile(const AttentionParams& p, int64_t m, int64_t k0, int cols,
+                                                    Visit&& visit) {
+  for (int64_t n = m * p.grid.group; n < (m + 1) * p.grid.group; ++n) {
+    const HeadView<scalar_t> head(p, n);
+    // Under causality, query rows before k0 attend none of these keys.
+    const int64_t q_start = p.is_causal ? (k0 / kBlockQ) * kBlockQ : 0;
+    for (int64_t q0 = q_start; q0 < p.L; q0 += kBlockQ) {
+      const int rows = static_cast<int>(std::min<int64_t>(kBlockQ, p.L - q0));
+      if (head.tile_has_work(q0, rows, k0, cols)) visit(n, head, q0, rows);
+    }
+  }
+}
 
 }  // namespace mha_ext::cuda

@@ -19,24 +19,21 @@ __global__ void __launch_bounds__(kThreads) weights_kernel(const __grid_constant
   const int E = static_cast<int>(p.E);
   const int ld_qk = padded(E);
   const auto layout = Traits::layout(E, static_cast<int>(p.Ev));
-  extern __shared__ __align__(16) unsigned char smem_bytes[];
-  acc_t* smem = reinterpret_cast<acc_t*>(smem_bytes);
+  extern __shared__ __align__(128) unsigned char shared_memory[];
+  acc_t* smem = reinterpret_cast<acc_t*>(shared_memory);
   acc_t* q_tile = smem + layout.q;
   acc_t* k_tile = smem + layout.k;
   acc_t* lse = smem + layout.lse;
   const acc_t* lse_all = static_cast<const acc_t*>(p.lse);
 
-  for (int64_t item = blockIdx.x; item < p.grid.numel * ceil_div(p.L, kBlockQ); item += gridDim.x) {
+  for (int64_t item = blockIdx.x; item < query_tile_items<kBlockQ>(p); item += gridDim.x) {
     const auto [n, q0, rows] = query_tile<kBlockQ>(p, item);
     const HeadView<scalar_t> head(p, n);
     __syncthreads();  // the previous item is done with shared memory
     load_rows(q_tile, ld_qk, head.q + q0 * p.query.row_stride, p.query.row_stride, rows, kBlockQ, E);
     load_row_values(lse, lse_all + n * p.L + q0, rows, kBlockQ, neg_inf<acc_t>());
 
-    const int64_t k_end = p.is_causal ? std::min<int64_t>(p.S, q0 + rows) : p.S;
-    for (int64_t k0 = 0; k0 < k_end; k0 += kBlockK) {
-      const int cols = static_cast<int>(std::min<int64_t>(kBlockK, k_end - k0));
-      if (!head.tile_has_work(q0, rows, k0, cols)) continue;
+    for_each_key_tile<kBlockK>(head, q0, rows, [&](int64_t k0, int cols) {
       load_rows(k_tile, ld_qk, head.k + k0 * p.key.row_stride, p.key.row_stride, cols, kBlockK, E);
       __syncthreads();
       for (int idx = threadIdx.x; idx < rows * cols; idx += kThreads) {
@@ -46,7 +43,7 @@ __global__ void __launch_bounds__(kThreads) weights_kernel(const __grid_constant
         weights[(n * p.L + q0 + i) * p.S + k0 + j] = static_cast<scalar_t>(exp_acc(s - lse[i]));
       }
       __syncthreads();  // before the next tile overwrites K
-    }
+    });
   }
 }
 
@@ -55,7 +52,7 @@ void run_weights(const AttentionParams& p, void* weights) {
   const int E = static_cast<int>(p.E);
   MHA_HEADDIM_SWITCH(E, kHeadDim, [&] {
     using Traits = TileTraits<scalar_t, kHeadDim, WeightsSmem>;
-    launch_kernel(weights_kernel<scalar_t, Traits>, p.grid.numel * ceil_div(p.L, Traits::kBlockQ),
+    launch_kernel(weights_kernel<scalar_t, Traits>, query_tile_items<Traits::kBlockQ>(p),
                   Traits::smem_bytes(E, static_cast<int>(p.Ev)), p, static_cast<scalar_t*>(weights));
   });
 }

@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import os
 import re
 from functools import partial
 from typing import Callable
@@ -151,7 +152,21 @@ def _prepare_sdpa(backend_name: str | None, inputs: CaseInputs) -> Runner:
 # ---------------------------------------------------------------------------------------------- mha_ext
 
 
-def _prepare_mha_ext(inputs: CaseInputs) -> Runner:
+@contextlib.contextmanager
+def _cuda_cores_only():
+    """fp16/bf16 on mha_ext's CUDA-core kernels instead of its tensor-core ones (read by the op per call)."""
+    previous = os.environ.get("MHA_EXT_CUDA_TENSOR_CORES")
+    os.environ["MHA_EXT_CUDA_TENSOR_CORES"] = "0"
+    try:
+        yield
+    finally:
+        if previous is None:
+            del os.environ["MHA_EXT_CUDA_TENSOR_CORES"]
+        else:
+            os.environ["MHA_EXT_CUDA_TENSOR_CORES"] = previous
+
+
+def _prepare_mha_ext(inputs: CaseInputs, setting=contextlib.nullcontext) -> Runner:
     import mha_ext
 
     attention = getattr(mha_ext, "scaled_dot_product_attention", None)
@@ -174,7 +189,7 @@ def _prepare_mha_ext(inputs: CaseInputs) -> Runner:
     def attend():
         return attention(q, k, v, **kwargs)
 
-    return _make_runner(inputs, attend, _qkv_leaves(inputs), inputs.grad_output)
+    return _make_runner(inputs, attend, _qkv_leaves(inputs), inputs.grad_output, setting)
 
 
 # ------------------------------------------------------------------------------------------ naive (tutorial)
@@ -336,6 +351,8 @@ def all_implementations() -> list[Implementation]:
     return [
         Implementation("mha_ext", "mha_ext.scaled_dot_product_attention", FUNCTION, both, False,
                        _prepare_mha_ext),
+        Implementation("mha_ext_cuda_cores", "mha_ext with MHA_EXT_CUDA_TENSOR_CORES=0 (fp16/bf16 on CUDA cores)",
+                       FUNCTION, ("cuda",), False, partial(_prepare_mha_ext, setting=_cuda_cores_only)),
         Implementation("sdpa_flash", "torch SDPA, flash backend forced (CPU: torch's fused CPU kernel)",
                        FUNCTION, both, False, partial(_prepare_sdpa, "FLASH_ATTENTION")),
         Implementation("sdpa_default", "torch SDPA, default dispatch", FUNCTION, both, False,

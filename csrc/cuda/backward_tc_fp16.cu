@@ -1,0 +1,6 @@
+// The tensor-core backward for c10::Half inputs: one dtype per file keeps each nvcc job small.
+#include "cuda/backward_tc_kernel.cuh"
+
+namespace mha_ext::cuda {
+template bool try_backward_tensor_cores<c10::Half>(const AttentionGradParams&);
+}  // namespace mha_ext::cuda

@@ -1,0 +1,64 @@
+"""The CUDA kernels of csrc/cuda run on the CPU by the emulator in tests/cuda_emulator (docs/cuda.md,
+"Testing without a GPU"): compiled once per checkout as host code by g++ (no nvcc, no CUDA torch), and put
+behind the CPU dispatch key of the mha_ext ops inside `with emulated_cuda_kernels():`, so that the whole
+Python layer (autograd included) runs on them and can be compared with the CPU kernels and the fp64
+reference on the same CPU tensors."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+
+import torch
+from torch.utils import cpp_extension
+
+from mha_ext import _sources
+
+EMULATOR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cuda_emulator")
+BUILD = os.path.join(_sources.ROOT, "build", "cuda-emulator")
+OPS = ("attention_forward", "attention_backward", "attention_weights", "attention_dropout_mask")
+
+
+def _kernel_wrappers() -> list[str]:
+    """One .cpp per csrc/cuda .cu file that includes it, since g++ compiles .cpp (rewritten only on change,
+    so that ninja rebuilds only what changed)."""
+    wrappers = []
+    for cu in _sources.cuda_sources():
+        if not cu.endswith(".cu"):
+            continue
+        path = os.path.join(BUILD, os.path.relpath(cu, _sources.CSRC).replace(os.sep, "_")[:-3] + ".cpp")
+        text = f'#include "{cu}"\n'
+        if not os.path.exists(path) or open(path).read() != text:
+            with open(path, "w") as f:
+                f.write(text)
+        wrappers.append(path)
+    return wrappers
+
+
+@functools.cache
+def load():
+    os.makedirs(BUILD, exist_ok=True)
+    sources = [os.path.join(_sources.CSRC, "attention", name) for name in ("contract.cpp", "entry.cpp")]
+    sources += [os.path.join(_sources.CSRC, "cuda", "dispatch.cpp")]
+    sources += [os.path.join(EMULATOR, name) for name in ("emulator.cpp", "module.cpp")] + _kernel_wrappers()
+    # The emulator's headers come first, so that its cuda/launch_kernel.cuh replaces csrc's.
+    return cpp_extension.load(
+        name="mha_ext_cuda_emulator", sources=sources, build_directory=BUILD,
+        extra_include_paths=[os.path.join(EMULATOR, "include"), _sources.CSRC],
+        extra_cflags=["-O2", "-fno-math-errno", "-DMHA_EXT_CUDA_EMULATOR", "-include", "cuda_runtime.h"]
+        + (["-mf16c"] if _sources.is_x86_64() else []),  # c10::Half converts with F16C instructions
+        verbose=bool(os.environ.get("MHA_EXT_EMULATOR_VERBOSE")))
+
+
+@contextlib.contextmanager
+def emulated_cuda_kernels():
+    """Inside, the mha_ext ops on CPU tensors run the emulated CUDA kernels instead of the CPU kernels."""
+    module = load()
+    library = torch.library.Library("mha_ext", "IMPL")
+    try:
+        for op in OPS:
+            library.impl(op, getattr(module, op), "CPU")
+        yield module
+    finally:
+        library._destroy()
