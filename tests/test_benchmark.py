@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from mha_ext.benchmark import main
-from mha_ext.benchmark.cases import FORWARD, FORWARD_BACKWARD, Case, Mask, Shape, attention_flops
+from mha_ext.benchmark.cases import FORWARD, FORWARD_BACKWARD, Case, Mask, Shape, attention_flops, suite_cases
 from mha_ext.benchmark.memory import measure_here
 from mha_ext.benchmark.implementations import FUNCTION, Implementation, Outputs, Runner, select_implementations
 from mha_ext.benchmark.results import MISMATCH, OK, Row, mask_overheads
@@ -112,6 +112,36 @@ def test_targets_and_mask_overhead():
     assert (forward.rows, forward.passed) == (3, False) and forward.worst.startswith("1.10 (bert_L512/causal")
     assert results["float32 bool padding mask (50% of keys padded), L >= 512"].passed is True
     assert results["decode (L = 1, S >= 4096), any mask and dtype"].passed is None
+
+
+def test_cuda_targets_take_the_named_backend_on_the_same_case():
+    rows = [_row("gpu_L1024_E64/none/fwd/float16", "mha_ext", 9.0, ms=1.0),
+            _row("gpu_L1024_E64/none/fwd/float16", "sdpa_flash", 1.0, ms=0.9),  # 0.9 >= 0.8
+            _row("gpu_L4096_E128/none/fwd/bfloat16", "mha_ext", 9.0, ms=2.0),
+            _row("gpu_L4096_E128/none/fwd/bfloat16", "sdpa_flash", 1.0, ms=1.0),  # 0.5 < 0.8
+            _row("gpu_L1024_E64/bool_pad50/fwd/bfloat16", "mha_ext", 1.0, ms=1.0),
+            _row("gpu_L1024_E64/bool_pad50/fwd/bfloat16", "sdpa_efficient", 1.0, ms=2.0),  # 2.0 >= 1.5
+            _row("gpu_L1024_E64/bool_pad50/fwd/bfloat16", "sdpa_flash", 1.0, ms=0.1)]  # not the target's anchor
+    results = {t.description: t for t in evaluate_targets(rows, [], [], "cuda")}
+    no_mask = results["fp16/bf16 forward, no mask, E = 64/128, L 1k-16k, vs torch flash"]
+    assert (no_mask.rows, no_mask.passed) == (2, False) and no_mask.worst == "0.50 (gpu_L4096_E128/none/fwd/bfloat16)"
+    masked = results["fp16/bf16 forward with a bool or float mask, vs torch efficient"]
+    assert (masked.rows, masked.passed, masked.worst) == (1, True, "2.00 (gpu_L1024_E64/bool_pad50/fwd/bfloat16)")
+    assert results["float32, vs torch efficient in float32"].passed is None  # not measured
+    assert not any("float32 forward" in name for name in results)  # the CPU targets are not CUDA's
+
+
+def test_cuda_suite_holds_every_cuda_target_row():
+    cases = suite_cases(quick=False, device_type="cuda")
+    ids = {case.id for case in cases}
+    for length in (1024, 4096, 16384):
+        for head_dim in (64, 128):
+            for dtype in ("float16", "bfloat16"):
+                assert f"gpu_L{length}_E{head_dim}/none/fwd/{dtype}" in ids
+            assert f"gpu_L{length}_E{head_dim}/bool_pad50/fwd/bfloat16" in ids
+            assert f"gpu_L{length}_E{head_dim}/none/fwd/float32" in ids
+            assert (f"gpu_L{length}_E{head_dim}/bias_grad/fwd+bwd/bfloat16" in ids) == (length <= 4096)
+    assert not any(case.shape.name.startswith("gpu_") for case in suite_cases(quick=False))  # CPU suite
 
 
 def test_mask_overhead_is_timed_side_by_side():

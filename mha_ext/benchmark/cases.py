@@ -136,9 +136,18 @@ TINY_DECODE = _shape("tiny_decode_S512", 2, 4, 1, 512, 32, about="quick: decode"
 TINY_HEAD512 = _shape("tiny_head512", 2, 1, 64, 64, 512, about="quick: size_per_head 512", with_modules=True)
 TINY_EV = _shape("tiny_ev64_E32", 2, 4, 64, 64, 32, head_dim_v=64, about="quick: Ev != E")
 
+# CUDA suite shapes (issue 4's targets: L from 1k to 16k at E = 64 and 128), 2^28 score elements each.
+GPU_L1024_E64 = _shape("gpu_L1024_E64", 16, 16, 1024, 1024, 64, about="GPU: L=1k")
+GPU_L1024_E128 = _shape("gpu_L1024_E128", 16, 16, 1024, 1024, 128, about="GPU: L=1k")
+GPU_L4096_E64 = _shape("gpu_L4096_E64", 1, 16, 4096, 4096, 64, about="GPU: L=4k")
+GPU_L4096_E128 = _shape("gpu_L4096_E128", 1, 16, 4096, 4096, 128, about="GPU: L=4k")
+GPU_L16384_E64 = _shape("gpu_L16384_E64", 1, 16, 16384, 16384, 64, about="GPU: L=16k")
+GPU_L16384_E128 = _shape("gpu_L16384_E128", 1, 16, 16384, 16384, 128, about="GPU: L=16k")
+GPU_SHAPES = (GPU_L1024_E64, GPU_L1024_E128, GPU_L4096_E64, GPU_L4096_E128, GPU_L16384_E64, GPU_L16384_E128)
+
 SHAPES = {s.name: s for s in (
     BERT_L128, BERT_L512, BERT_HEAD512, LONG_L2048_E64, LONG_L2048_E128, LONG_L8192_E64, LONG_L8192_E128,
-    GQA_L2048, DECODE_S4096, TINY_L64, TINY_L256, TINY_GQA, TINY_DECODE, TINY_HEAD512, TINY_EV)}
+    GQA_L2048, DECODE_S4096, TINY_L64, TINY_L256, TINY_GQA, TINY_DECODE, TINY_HEAD512, TINY_EV, *GPU_SHAPES)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -254,8 +263,26 @@ MEMORY_DEFAULT_CASE = f"{LONG_L8192_E64.name}/none/fwd/float32"
 MEMORY_TARGET_MIB = 64.0
 
 
-def suite_cases(quick: bool, dtypes=None, directions=None) -> list[Case]:
-    """The suite's cases, keeping only the given dtypes/directions (None = all)."""
-    cases = [c for entry in (QUICK_SUITE if quick else FULL_SUITE) for c in entry.cases()]
+HALF = ("float16", "bfloat16")
+
+# The full suite on CUDA: issue 4's target rows. fp16/bf16 forward without a mask (against torch's flash
+# backend); with a bool or float mask, and forward+backward with a bias requiring grad (against the
+# efficient backend, the one torch GPU kernel that takes masks with gradients); float32 (efficient in fp32).
+# The bias is (1, Hq, L, S): 8 GiB in bf16 at L = 16k, so the bias rows stop at 4k.
+CUDA_SUITE = tuple(
+    entry for shape in GPU_SHAPES for entry in (
+        SuiteEntry(shape, (Mask.NONE,), directions=(FORWARD,), dtypes=HALF),
+        SuiteEntry(shape, (Mask.NONE,), directions=(FORWARD_BACKWARD,), dtypes=BF16),
+        SuiteEntry(shape, (Mask.PADDING,), dtypes=BF16),
+        SuiteEntry(shape, (Mask.NONE, Mask.PADDING), directions=(FORWARD,), dtypes=FP32),
+    ) + ((SuiteEntry(shape, (Mask.BIAS,), directions=(FORWARD,), dtypes=BF16),
+          SuiteEntry(shape, (Mask.BIAS_GRAD,), dtypes=BF16)) if shape.len_q <= 4096 else ()))
+
+
+def suite_cases(quick: bool, dtypes=None, directions=None, device_type: str = "cpu") -> list[Case]:
+    """The suite's cases (the CUDA suite for a full run on CUDA), keeping only the given dtypes/directions
+    (None = all)."""
+    suite = QUICK_SUITE if quick else CUDA_SUITE if device_type == "cuda" else FULL_SUITE
+    cases = [c for entry in suite for c in entry.cases()]
     return [c for c in cases
             if (dtypes is None or c.dtype in dtypes) and (directions is None or c.direction in directions)]

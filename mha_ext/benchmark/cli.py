@@ -73,9 +73,10 @@ def select_cases(args) -> list[case_catalog.Case]:
         return [case_catalog.Case.from_id(case_id) for case_id in args.case]
     if args.memory and not args.filter:
         return [case_catalog.Case.from_id(case_catalog.MEMORY_DEFAULT_CASE)]
-    selected = case_catalog.suite_cases(args.quick, dtypes, args.direction)
+    device_type = torch.device(args.device).type
+    selected = case_catalog.suite_cases(args.quick, dtypes, args.direction, device_type)
     if args.memory:  # any case of either suite may be measured
-        selected = case_catalog.suite_cases(not args.quick, dtypes, args.direction) + selected
+        selected = case_catalog.suite_cases(not args.quick, dtypes, args.direction, device_type) + selected
     if args.filter:
         pattern = re.compile(args.filter)
         selected = [case for case in selected if pattern.search(case.id)]
@@ -155,7 +156,7 @@ def main(argv=None) -> int:
         if args.with_memory:
             run.memory = _run_memory([case_catalog.Case.from_id(case_catalog.MEMORY_DEFAULT_CASE)],
                                      list(MEMORY_DEFAULT_IMPLEMENTATIONS), args)
-    run.targets = evaluate_targets(run.rows, run.mask_overhead, run.memory)
+    run.targets = evaluate_targets(run.rows, run.mask_overhead, run.memory, device.type)
 
     os.makedirs(args.out, exist_ok=True)
     chart_name = None

@@ -1,13 +1,15 @@
-"""Issue 3's performance targets for mha_ext, checked against a run's rows: each target selects mha_ext's
-rows by a predicate and requires every selected ratio (torch anchor time / mha_ext time, measured side by
-side) to reach a threshold. The mask-overhead and memory targets are evaluated from their own sections."""
+"""The performance targets for mha_ext, checked against a run's rows: each target selects mha_ext's rows by
+a predicate and requires every selected ratio (torch time / mha_ext time, measured side by side) to reach a
+threshold. On the CPU (issue 3) the ratio is the row's, against its family's anchor; on CUDA (issue 4) it is
+taken against the torch backend the target names, timed on the same case. The mask-overhead and memory
+targets are evaluated from their own sections."""
 
 from __future__ import annotations
 
 import dataclasses
 from typing import Callable
 
-from .cases import FORWARD, FORWARD_BACKWARD, MEMORY_DEFAULT_CASE, MEMORY_TARGET_MIB, Mask
+from .cases import FORWARD, FORWARD_BACKWARD, HALF, MEMORY_DEFAULT_CASE, MEMORY_TARGET_MIB, Mask
 from .results import MASK_OVERHEAD_LIMIT, OK, MaskOverhead, Row, TargetResult
 
 _PLAIN_MASKS = {Mask.NONE.value, Mask.CAUSAL.value, Mask.PADDING.value, Mask.BIAS.value}
@@ -41,6 +43,41 @@ RATIO_TARGETS = (
 )
 
 
+@dataclasses.dataclass(frozen=True)
+class AgainstTarget:
+    description: str
+    threshold: float
+    against: str  # the implementation whose time on the same case is the numerator
+    selects: Callable[[Row], bool]
+
+
+CUDA_TARGETS = (
+    AgainstTarget("fp16/bf16 forward, no mask, E = 64/128, L 1k-16k, vs torch flash", 0.8, "sdpa_flash",
+                  lambda r: r.dtype in HALF and r.direction == FORWARD and r.mask == Mask.NONE.value
+                  and 1024 <= r.len_q <= 16384 and r.head_dim in (64, 128)),
+    AgainstTarget("fp16/bf16 forward with a bool or float mask, vs torch efficient", 1.5, "sdpa_efficient",
+                  lambda r: r.dtype in HALF and r.direction == FORWARD
+                  and r.mask in (Mask.PADDING.value, Mask.BIAS.value)),
+    AgainstTarget("forward+backward with a bias requiring grad, vs torch efficient", 1.5, "sdpa_efficient",
+                  lambda r: r.mask == Mask.BIAS_GRAD.value),
+    AgainstTarget("float32, vs torch efficient in float32", 1.0, "sdpa_efficient", lambda r: r.dtype == "float32"),
+)
+
+
+def _against_values(target: AgainstTarget, mine: list[Row], rows: list[Row]) -> list[tuple[float, str]]:
+    """(torch time / mha_ext time, case) for the selected cases where both ran; failures of mha_ext count 0."""
+    theirs = {r.case: r for r in rows if r.implementation == target.against and r.status == OK and r.median_ms}
+    values = []
+    for row in mine:
+        if not target.selects(row) or row.case not in theirs:
+            continue
+        if row.status != OK or not row.median_ms:
+            values.append((0.0, f"{row.case}: {row.status}"))
+        else:
+            values.append((theirs[row.case].median_ms / row.median_ms, row.case))
+    return values
+
+
 def _verdict(description: str, threshold_text: str, values: list[tuple[float, str]],
              is_good: Callable[[float], bool], higher_is_better: bool) -> TargetResult:
     """``values``: (value, where) pairs; reports the worst one."""
@@ -52,9 +89,16 @@ def _verdict(description: str, threshold_text: str, values: list[tuple[float, st
                         all(is_good(value) for value, _ in values))
 
 
-def evaluate_targets(rows: list[Row], overheads: list[MaskOverhead], memory: list[dict]) -> list[TargetResult]:
+def evaluate_targets(rows: list[Row], overheads: list[MaskOverhead], memory: list[dict],
+                     device_type: str = "cpu") -> list[TargetResult]:
     results = []
     mine = [r for r in rows if r.implementation == "mha_ext"]
+    if device_type == "cuda":
+        for target in CUDA_TARGETS:
+            results.append(_verdict(target.description, f"ratio >= {target.threshold}",
+                                    _against_values(target, mine, rows), lambda v, t=target.threshold: v >= t,
+                                    higher_is_better=True))
+        return results
     for target in RATIO_TARGETS:
         selected = [r for r in mine if target.selects(r)]
         values = [(r.ratio if r.status == OK and r.ratio is not None else 0.0,
