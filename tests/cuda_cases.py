@@ -119,11 +119,12 @@ def assert_results_close(actual_results, cpu, dtype, device_type="cuda"):
         torch.testing.assert_close(actual.cpu(), expected, **tolerance(dtype, expected), msg=lambda m: f"{name}: {m}")
 
 
-# fp16/bf16 with E, Ev <= 128 run on the tensor-core forward on sm80+ (docs/cuda.md): head dims that are and
-# are not multiples of its 16-wide tiles, odd L and S spanning several query and key tiles, every mask shape,
-# causal, GQA (Hq = 4, Hkv = 2), against the fp64 reference.
+# fp16/bf16 run on the tensor-core kernels on sm80+ (docs/cuda.md; head dims above 128 where the part has
+# 163 KiB of shared memory per block): head dims in all three buckets, in and out of multiples of the 16-wide
+# tiles, odd L and S spanning several query and key tiles, every mask shape, causal, GQA (Hq = 4, Hkv = 2).
 TENSOR_CORE_DTYPES = [torch.float16, torch.bfloat16]
-TENSOR_CORE_HEAD_DIMS = [(16, 16), (40, 40), (64, 64), (72, 72), (128, 128), (40, 72), (72, 16), (16, 128), (128, 40)]
+TENSOR_CORE_HEAD_DIMS = [(16, 16), (40, 40), (64, 64), (72, 72), (128, 128), (40, 72), (72, 16), (16, 128), (128, 40),
+                         (256, 256), (200, 136), (24, 256)]
 TENSOR_CORE_VARIANTS = {
     "plain": dict(),
     "bool_2d": dict(mask="bool_2d"),

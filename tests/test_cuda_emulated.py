@@ -85,8 +85,8 @@ def test_emulated_cuda_matches_cpu_with_warps_in_reverse(emulator, monkeypatch, 
     assert_results_close(emulated, cpu, dtype, device_type="cpu")
 
 
-# Head dims in and out of multiples of the 16-wide WMMA tiles, in both buckets (64, 128), E != Ev both ways.
-EMULATED_TENSOR_CORE_HEAD_DIMS = [(16, 16), (40, 72), (72, 16), (128, 128), (128, 40)]
+# Head dims in and out of multiples of the 16-wide WMMA tiles, in all three buckets, E != Ev both ways.
+EMULATED_TENSOR_CORE_HEAD_DIMS = [(16, 16), (40, 72), (72, 16), (128, 128), (128, 40), (200, 136)]
 
 
 @pytest.mark.parametrize("dtype", TENSOR_CORE_DTYPES)
@@ -107,6 +107,27 @@ def test_emulated_tensor_core_backward_matches_cpu(emulator, variant, E, Ev, dty
     with emulated_cuda_kernels():
         emulated = run(inputs, grad_out)
     assert_results_close(emulated, cpu, dtype, device_type="cpu")
+
+
+@pytest.mark.parametrize("variant", ["bool_padding_bias_full", "causal_L_gt_S"])
+def test_emulated_head_dim_256_runs_on_tensor_cores_only_where_shared_memory_allows(emulator, monkeypatch,
+                                                                                      variant):
+    # Head dims 129..256 take 145-157 KiB of shared memory on tensor cores: an H100 or A100 runs them there,
+    # a 99 KiB part (sm86/sm89, emulated by MHA_EXT_EMULATOR_SHARED_BYTES) on CUDA cores, bitwise the same
+    # as MHA_EXT_CUDA_TENSOR_CORES=0.
+    inputs, grad_out = make_inputs(tensor_core_case(variant, 256, 232), torch.bfloat16, "cpu")
+    cpu = run(inputs, grad_out)
+    with emulated_cuda_kernels():
+        tensor_cores = run(inputs, grad_out)
+        monkeypatch.setenv("MHA_EXT_EMULATOR_SHARED_BYTES", str(99 * 1024))
+        small_part = run(inputs, grad_out)
+        monkeypatch.setenv("MHA_EXT_CUDA_TENSOR_CORES", "0")
+        cuda_cores = run(inputs, grad_out)
+    assert_results_close(tensor_cores, cpu, torch.bfloat16, device_type="cpu")
+    # Not "weights": their LSE pass takes a one-column V, whose tiles fit 99 KiB on tensor cores.
+    for name in cpu.keys() - {"weights"}:
+        assert torch.equal(small_part[name], cuda_cores[name]), name
+    assert not torch.equal(tensor_cores["grad_query"], cuda_cores["grad_query"])
 
 
 @pytest.mark.parametrize("dtype", TENSOR_CORE_DTYPES)

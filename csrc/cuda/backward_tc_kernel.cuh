@@ -12,6 +12,7 @@
 #include "cuda/kernel_traits.cuh"
 #include "cuda/launch_kernel.cuh"
 #include "cuda/mma.cuh"
+#include "cuda/static_switch.h"
 #include "cuda/tile.cuh"
 
 namespace mha_ext::cuda {
@@ -187,24 +188,21 @@ bool launch_backward_tensor_cores(const AttentionGradParams& g) {
   using QueryTraits = BackwardTensorCoreTraits<QueryGradTensorCoreSmem, kHeadDim>;
   const auto key_kernel = key_grad_tensor_core_kernel<scalar_t, KeyTraits>;
   const auto query_kernel = query_grad_tensor_core_kernel<scalar_t, QueryTraits>;
-  if (!has_sm80_image(key_kernel)) return false;
   const AttentionParams& p = g.fwd;
   const int E = static_cast<int>(p.E), Ev = static_cast<int>(p.Ev);
+  const size_t key_smem = KeyTraits::smem_bytes(E, Ev), query_smem = QueryTraits::smem_bytes(E, Ev);
+  if (!has_sm80_image(key_kernel) || !shared_memory_fits(std::max(key_smem, query_smem))) return false;
   const at::Tensor delta = run_delta<scalar_t>(g);
   const float* delta_ptr = delta.data_ptr<float>();
-  launch_kernel(key_kernel, key_tile_items<KeyTraits::kBlockK>(p),
-                KeyTraits::smem_bytes(E, Ev), g, delta_ptr);
-  launch_kernel(query_kernel, query_tile_items<QueryTraits::kBlockQ>(p), QueryTraits::smem_bytes(E, Ev), g,
-                delta_ptr);
+  launch_kernel(key_kernel, key_tile_items<KeyTraits::kBlockK>(p), key_smem, g, delta_ptr);
+  launch_kernel(query_kernel, query_tile_items<QueryTraits::kBlockQ>(p), query_smem, g, delta_ptr);
   return true;
 }
 
 template <typename scalar_t>
 bool try_backward_tensor_cores(const AttentionGradParams& g) {
-  const int64_t head_dim = std::max(g.fwd.E, g.fwd.Ev);
-  if (head_dim > kMaxTensorCoreHeadDim) return false;
-  return head_dim <= 64 ? launch_backward_tensor_cores<scalar_t, 64>(g)
-                        : launch_backward_tensor_cores<scalar_t, kMaxTensorCoreHeadDim>(g);
+  return MHA_HEADDIM_SWITCH(std::max(g.fwd.E, g.fwd.Ev), kHeadDim,
+                            [&] { return launch_backward_tensor_cores<scalar_t, kHeadDim>(g); });
 }
 
 }  // namespace mha_ext::cuda

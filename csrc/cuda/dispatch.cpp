@@ -17,8 +17,8 @@ bool tensor_cores_allowed() {
 
 }  // namespace
 
-// fp16/bf16 run on tensor cores where try_forward_tensor_cores / try_backward_tensor_cores can (sm80+, E
-// and Ev <= 128), the rest on CUDA cores.
+// fp16/bf16 run on tensor cores where try_forward_tensor_cores / try_backward_tensor_cores can (sm80+; E
+// and Ev <= 128, or <= 256 on parts with 163 KiB of shared memory per block), the rest on CUDA cores.
 void dispatch_forward(const AttentionParams& p, at::ScalarType dtype) {
   if (tensor_cores_allowed()) {
     if (dtype == at::kHalf && try_forward_tensor_cores<c10::Half>(p)) return;

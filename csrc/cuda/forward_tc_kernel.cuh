@@ -12,6 +12,7 @@
 #include "cuda/kernel_traits.cuh"
 #include "cuda/launch_kernel.cuh"
 #include "cuda/mma.cuh"
+#include "cuda/static_switch.h"
 #include "cuda/tile.cuh"
 
 namespace mha_ext::cuda {
@@ -147,18 +148,16 @@ template <typename scalar_t, int kHeadDim>
 bool launch_forward_tensor_cores(const AttentionParams& p) {
   using Traits = ForwardTensorCoreTraits<kHeadDim>;
   const auto kernel = forward_tensor_core_kernel<scalar_t, Traits>;
-  if (!has_sm80_image(kernel)) return false;
-  launch_kernel(kernel, query_tile_items<Traits::kBlockQ>(p),
-                Traits::smem_bytes(static_cast<int>(p.E), static_cast<int>(p.Ev)), p);
+  const size_t smem_bytes = Traits::smem_bytes(static_cast<int>(p.E), static_cast<int>(p.Ev));
+  if (!has_sm80_image(kernel) || !shared_memory_fits(smem_bytes)) return false;
+  launch_kernel(kernel, query_tile_items<Traits::kBlockQ>(p), smem_bytes, p);
   return true;
 }
 
 template <typename scalar_t>
 bool try_forward_tensor_cores(const AttentionParams& p) {
-  const int64_t head_dim = std::max(p.E, p.Ev);
-  if (head_dim > kMaxTensorCoreHeadDim) return false;
-  return head_dim <= 64 ? launch_forward_tensor_cores<scalar_t, 64>(p)
-                        : launch_forward_tensor_cores<scalar_t, kMaxTensorCoreHeadDim>(p);
+  return MHA_HEADDIM_SWITCH(std::max(p.E, p.Ev), kHeadDim,
+                            [&] { return launch_forward_tensor_cores<scalar_t, kHeadDim>(p); });
 }
 
 }  // namespace mha_ext::cuda

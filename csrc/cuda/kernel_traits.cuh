@@ -29,6 +29,14 @@ constexpr int kWarpSize = 32;
 constexpr int kWarps = kThreads / kWarpSize;
 // 99 KiB: the per-block opt-in shared memory of the smallest sm80+ parts (sm86, sm89).
 constexpr int64_t kSmemBudgetBytes = 99 * 1024;
+// 163 KiB: the opt-in of sm80 (A100; sm90 allows 227 KiB). The tensor-core kernels size their tiles for
+// head dims 129..256 to it; parts with less run those head dims on CUDA cores (shared_memory_fits).
+constexpr int64_t kLargeSmemBudgetBytes = 163 * 1024;
+
+// The budget the tensor-core kernels' tiles are sized to for the head-dim bucket up to `head_dim`.
+MHA_HOST_DEVICE constexpr int64_t tensor_core_smem_budget(int head_dim) {
+  return head_dim <= 128 ? kSmemBudgetBytes : kLargeSmemBudgetBytes;
+}
 
 template <typename scalar_t>
 using acc_type = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
@@ -154,15 +162,15 @@ struct ForwardTensorCoreSmem {
         total(row_sum + block_q * 4) {}
 };
 
-// 64 query rows, one 16-row strip per warp; key tiles of 64 or, where that does not fit at the largest head
-// dim of the bucket (64 or 128), 32 keys (the softmax gives each lane whole columns of a 32-multiple).
+// 64 query rows, one 16-row strip per warp; key tiles of 64 or, where that does not fit the bucket's budget
+// at its largest head dim (64, 128 or 256), 32 keys (the softmax gives each lane whole columns of a 32-multiple).
 template <int kHeadDim_>
 struct ForwardTensorCoreTraits {
   static constexpr int kHeadDim = kHeadDim_;
+  static constexpr int64_t kBudget = tensor_core_smem_budget(kHeadDim);
   static constexpr int kBlockQ = kWarps * kMmaTile;
-  static constexpr int kBlockK =
-      ForwardTensorCoreSmem(kBlockQ, 64, kHeadDim, kHeadDim).total <= kSmemBudgetBytes ? 64 : 32;
-  static_assert(ForwardTensorCoreSmem(kBlockQ, kBlockK, kHeadDim, kHeadDim).total <= kSmemBudgetBytes,
+  static constexpr int kBlockK = ForwardTensorCoreSmem(kBlockQ, 64, kHeadDim, kHeadDim).total <= kBudget ? 64 : 32;
+  static_assert(ForwardTensorCoreSmem(kBlockQ, kBlockK, kHeadDim, kHeadDim).total <= kBudget,
                 "the tensor-core forward's tiles do not fit the shared-memory budget");
 
   MHA_HOST_DEVICE static ForwardTensorCoreSmem layout(int E, int Ev) {
@@ -242,11 +250,13 @@ struct QueryGradTensorCoreSmem : BackwardTensorCoreRows {
   static constexpr TileShape kCandidates[] = {{64, 64}, {64, 32}, {32, 64}, {32, 32}, {16, 32}, {16, 16}};
 };
 
-// The first of Layout::kCandidates (in order of preference) that fits the budget at head dim kHeadDim.
+// The first of Layout::kCandidates (in order of preference) that fits the budget of head dim kHeadDim's
+// bucket at that head dim.
 template <typename Layout, int kHeadDim>
 constexpr TileShape first_fitting_shape() {
   for (const TileShape& shape : Layout::kCandidates) {
-    if (Layout(shape.block_q, shape.block_k, kHeadDim, kHeadDim).total <= kSmemBudgetBytes) return shape;
+    if (Layout(shape.block_q, shape.block_k, kHeadDim, kHeadDim).total <= tensor_core_smem_budget(kHeadDim))
+      return shape;
   }
   return {0, 0};
 }

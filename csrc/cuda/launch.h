@@ -14,10 +14,10 @@ constexpr int kMaxHeadDim = 256;
 // Each runs on torch's current stream of the current device (register.cpp sets the device).
 template <typename scalar_t>
 void run_forward(const AttentionParams& p);
-// fp16/bf16 forward on tensor cores, for E, Ev <= kMaxTensorCoreHeadDim on sm80 and newer. Runs it and
-// returns true where this call, the device and the build allow it; otherwise does nothing and returns
-// false, and the caller runs run_forward. Instantiated for c10::Half and c10::BFloat16 only.
-constexpr int kMaxTensorCoreHeadDim = 128;
+// fp16/bf16 forward on tensor cores on sm80 and newer: E, Ev <= 128 on every such part, up to 256 where
+// the part allows a block 163 KiB of shared memory (sm80, sm90). Runs it and returns true where this call,
+// the device and the build allow it; otherwise does nothing and returns false, and the caller runs
+// run_forward. Instantiated for c10::Half and c10::BFloat16 only.
 template <typename scalar_t>
 bool try_forward_tensor_cores(const AttentionParams& p);
 template <typename scalar_t>

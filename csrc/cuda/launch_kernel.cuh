@@ -36,6 +36,11 @@ void launch_kernel(void (*kernel)(KernelArgs...), int64_t items, size_t smem_byt
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+// Whether the current device lets a block have `smem_bytes` of dynamic shared memory (its opt-in limit).
+inline bool shared_memory_fits(size_t smem_bytes) {
+  return smem_bytes <= at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin;
+}
+
 // Whether the image of `kernel` that runs on the current device was compiled for sm80 or newer. A build
 // without such a target (TORCH_CUDA_ARCH_LIST="7.5", or 7.5 PTX JIT-compiled for a newer GPU) holds only
 // the empty body; a device the build has no image for at all is left to the CUDA-core kernel's launch to

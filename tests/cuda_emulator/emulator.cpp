@@ -240,6 +240,11 @@ void fail(const char* message) {
 
 int64_t launches() { return launch_count; }
 
+size_t max_shared_bytes() {
+  const char* value = std::getenv("MHA_EXT_EMULATOR_SHARED_BYTES");
+  return value != nullptr ? std::min<size_t>(kMaxSharedBytes, std::strtoull(value, nullptr, 10)) : kMaxSharedBytes;
+}
+
 int64_t max_blocks() {
   const char* value = std::getenv("MHA_EXT_EMULATOR_MAX_BLOCKS");
   return value != nullptr ? std::max<int64_t>(1, std::atoll(value)) : 3;
@@ -247,7 +252,7 @@ int64_t max_blocks() {
 
 void launch(int64_t blocks, int threads, size_t shared_bytes, const std::function<void()>& body) {
   const std::lock_guard<std::mutex> lock(launch_mutex);
-  TORCH_CHECK(shared_bytes <= kMaxSharedBytes, "cuda emulator: ", shared_bytes, " bytes of shared memory requested");
+  TORCH_CHECK(shared_bytes <= max_shared_bytes(), "cuda emulator: ", shared_bytes, " bytes of shared memory requested");
   reserve_stacks(threads);
   ++launch_count;
   scheduler.body = &body;

@@ -46,8 +46,11 @@ int64_t launches();
 // At most this many blocks per launch (MHA_EXT_EMULATOR_MAX_BLOCKS, default 3), so that the kernels' grid-
 // stride loops run.
 int64_t max_blocks();
-// The dynamic shared memory an emulated launch may ask for: an H100's opt-in maximum.
+// The most dynamic shared memory an emulated launch may ask for: an H100's opt-in maximum.
 constexpr size_t kMaxSharedBytes = 227 * 1024;
+// The emulated GPU's opt-in limit: kMaxSharedBytes, or MHA_EXT_EMULATOR_SHARED_BYTES (at most that), to
+// stand in for a part with less (99 KiB: sm86/sm89).
+size_t max_shared_bytes();
 
 }  // namespace mha_emu
 

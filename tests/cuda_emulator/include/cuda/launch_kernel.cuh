@@ -16,10 +16,12 @@ namespace mha_ext::cuda {
 template <typename... KernelArgs, typename... Args>
 void launch_kernel(void (*kernel)(KernelArgs...), int64_t items, size_t smem_bytes, const Args&... args) {
   if (items <= 0) return;
-  TORCH_CHECK(smem_bytes <= ::mha_emu::kMaxSharedBytes, "mha_ext: this CUDA kernel needs ", smem_bytes,
-              " bytes of shared memory per block, but the emulated GPU allows at most ", ::mha_emu::kMaxSharedBytes);
+  TORCH_CHECK(smem_bytes <= ::mha_emu::max_shared_bytes(), "mha_ext: this CUDA kernel needs ", smem_bytes,
+              " bytes of shared memory per block, but the emulated GPU allows at most ", ::mha_emu::max_shared_bytes());
   ::mha_emu::launch(std::min(items, ::mha_emu::max_blocks()), kThreads, smem_bytes, [&] { kernel(args...); });
 }
+
+inline bool shared_memory_fits(size_t smem_bytes) { return smem_bytes <= ::mha_emu::max_shared_bytes(); }
 
 // The emulator compiles every kernel body.
 template <typename Kernel>
