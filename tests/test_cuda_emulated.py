@@ -63,6 +63,11 @@ def test_emulator_checks_wmma_alignment(emulator):
         emulator.self_check("misaligned_wmma")
 
 
+def test_emulator_checks_that_wmma_arguments_are_warp_uniform(emulator):
+    with pytest.raises(RuntimeError, match="load_matrix_sync: the lanes of a warp pass different pointers"):
+        emulator.self_check("divergent_wmma_pointer")
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("case", list(CASES))
 def test_emulated_cuda_matches_cpu(emulator, case, dtype):

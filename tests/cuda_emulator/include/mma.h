@@ -2,7 +2,7 @@
 // tile of a fragment (the hardware spreads it over the lanes in an unspecified layout, so kernels may only
 // apply the same operation to every element, which this preserves). Each call is a warp barrier, which
 // checks that the whole warp makes it together, and checks what the hardware requires of its arguments:
-// 256-bit aligned pointers, and ldm a multiple of 16 bytes.
+// the same on every lane, 256-bit aligned pointers, and ldm a multiple of 16 bytes.
 #pragma once
 
 #include <cstdint>
@@ -32,9 +32,13 @@ struct fragment {
 
 namespace detail {
 
+// The warp barrier of a load or store, which also checks that every lane passes lane 0's pointer and ldm
+// (WMMA's arguments are warp-uniform).
 template <typename T>
 void check_operand(const char* call, const T* ptr, unsigned ldm) {
-  ::mha_emu::warp_barrier(call, 0xffffffffu, 0, 0);
+  const uint64_t mine = reinterpret_cast<uintptr_t>(ptr) ^ (uint64_t(ldm) << 48);
+  if (::mha_emu::warp_barrier(call, 0xffffffffu, mine, 0) != mine)
+    ::mha_emu::fail((std::string(call) + ": the lanes of a warp pass different pointers or ldm").c_str());
   if (reinterpret_cast<uintptr_t>(ptr) % 32 != 0)
     ::mha_emu::fail((std::string(call) + ": the pointer is not 256-bit aligned").c_str());
   if (ldm * sizeof(T) % 16 != 0)
