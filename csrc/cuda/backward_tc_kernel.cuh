@@ -17,6 +17,71 @@
 
 namespace mha_ext::cuda {
 
+// The shared-memory tiles both kernels have (KeyGradTensorCoreSmem and QueryGradTensorCoreSmem name them
+// alike) and the steps they share for a (query tile, key tile) pair: loading Q, dO, LSE and delta, or K and
+// V; S = Q K^T and dP = dO V^T; P and dS from those. Block-wide methods, no barrier inside.
+template <typename scalar_t, typename Layout, int kBlockQ, int kBlockK>
+struct BackwardTilePair {
+  using mma_t = typename MmaOperand<scalar_t>::type;
+  const AttentionGradParams& g;
+  const MmaHeadDims dims;
+  const Layout layout;
+  mma_t* const q;
+  mma_t* const grad_out;
+  mma_t* const k;
+  mma_t* const v;
+  float* const scores;
+  float* const grad_probs;
+  float* const lse;
+  float* const delta;
+
+  __device__ BackwardTilePair(const AttentionGradParams& g_, MmaHeadDims dims_)
+      : g(g_),
+        dims(dims_),
+        layout(kBlockQ, kBlockK, dims.E, dims.Ev),
+        q(shared_region<mma_t>(layout.q)),
+        grad_out(shared_region<mma_t>(layout.grad_out)),
+        k(shared_region<mma_t>(layout.k)),
+        v(shared_region<mma_t>(layout.v)),
+        scores(shared_region<float>(layout.scores)),
+        grad_probs(shared_region<float>(layout.grad_probs)),
+        lse(shared_region<float>(layout.lse)),
+        delta(shared_region<float>(layout.delta)) {}
+
+  // Rows [q0, q0 + rows) of batch-head n: Q and dO zero-padded to kBlockQ rows, LSE and delta.
+  __device__ void load_queries(const HeadView<scalar_t>& head, int64_t n, int64_t q0, int rows,
+                               const float* delta_all) const {
+    const AttentionParams& p = g.fwd;
+    load_operand_tile(q, layout.ld_qk, head.q + q0 * p.query.row_stride, p.query.row_stride, rows, kBlockQ, dims.E);
+    load_operand_tile(grad_out, layout.ld_v, g.grad_out.ptr<scalar_t>(p.grid, n) + q0 * g.grad_out.row_stride,
+                      g.grad_out.row_stride, rows, kBlockQ, dims.Ev);
+    load_row_values(lse, static_cast<const float*>(p.lse) + n * p.L + q0, rows, kBlockQ, neg_inf<float>());
+    load_row_values(delta, delta_all + n * p.L + q0, rows, kBlockQ, 0.f);
+  }
+
+  // Key rows [k0, k0 + cols) of `head`'s K and V, zero-padded to kBlockK rows.
+  __device__ void load_keys(const HeadView<scalar_t>& head, int64_t k0, int cols) const {
+    const AttentionParams& p = g.fwd;
+    load_operand_tile(k, layout.ld_qk, head.k + k0 * p.key.row_stride, p.key.row_stride, cols, kBlockK, dims.E);
+    load_operand_tile(v, layout.ld_v, head.v + k0 * p.value.row_stride, p.value.row_stride, cols, kBlockK, dims.Ev);
+  }
+
+  // S = Q K^T and dP = dO V^T over the pair's 16 x 16 tiles (K^T and V^T read from their rows).
+  __device__ void scores_and_grad_probs(int query_tiles, int key_tiles) const {
+    block_mma(scores, layout.ld_scores, false, TileView<mma_t, RowMajor>{q, layout.ld_qk},
+              TileView<mma_t, ColMajor>{k, layout.ld_qk}, query_tiles, key_tiles, dims.e_tiles);
+    block_mma(grad_probs, layout.ld_scores, false, TileView<mma_t, RowMajor>{grad_out, layout.ld_v},
+              TileView<mma_t, ColMajor>{v, layout.ld_v}, query_tiles, key_tiles, dims.ev_tiles);
+  }
+
+  // P and dS of the pair's row i and key j (both in bounds), in fp32.
+  __device__ ProbAndGrad<float> prob_and_grad(const HeadView<scalar_t>& head, int64_t n, int64_t q0, int64_t k0,
+                                              int i, int j) const {
+    const int at = i * layout.ld_scores + j;
+    return prob_and_grad_from_dots(head, n, q0 + i, k0 + j, scores[at], grad_probs[at], lse[i], delta[i]);
+  }
+};
+
 template <typename scalar_t, typename Traits>
 __global__ void __launch_bounds__(kThreads)
     key_grad_tensor_core_kernel(const __grid_constant__ AttentionGradParams g, const float* delta_all) {
@@ -25,81 +90,61 @@ __global__ void __launch_bounds__(kThreads)
   using mma_t = typename MmaOperand<scalar_t>::type;
   constexpr int kBlockQ = Traits::kBlockQ, kBlockK = Traits::kBlockK;
   const AttentionParams& p = g.fwd;
-  const auto [E, Ev, e_tiles, ev_tiles] = mma_head_dims(p);
-  const auto layout = Traits::layout(E, Ev);
-  const int ld_qk = layout.ld_qk, ld_v = layout.ld_v, ld_s = layout.ld_scores, ld_p = layout.ld_probs,
-            ld_gk = layout.ld_grad_qk, ld_gv = layout.ld_grad_v;
-  mma_t* k_tile = shared_region<mma_t>(layout.k);
-  mma_t* v_tile = shared_region<mma_t>(layout.v);
+  const auto dims = mma_head_dims(p);
+  const BackwardTilePair<scalar_t, typename Traits::Layout, kBlockQ, kBlockK> pair(g, dims);
+  const auto& layout = pair.layout;
   float* grad_k = shared_region<float>(layout.grad_k);
   float* grad_v = shared_region<float>(layout.grad_v);
-  mma_t* q_tile = shared_region<mma_t>(layout.q);
-  mma_t* grad_out_tile = shared_region<mma_t>(layout.grad_out);
-  float* scores = shared_region<float>(layout.scores);
-  float* grad_probs = shared_region<float>(layout.grad_probs);
   mma_t* probs = shared_region<mma_t>(layout.probs);
   mma_t* grad_scores = shared_region<mma_t>(layout.grad_scores);
-  float* lse = shared_region<float>(layout.lse);
-  float* delta = shared_region<float>(layout.delta);
-  // Q and dO are row-major operands; K^T and V^T are read from their rows, P^T and dS^T from theirs.
-  const TileView<mma_t, RowMajor> q_view{q_tile, ld_qk}, grad_out_view{grad_out_tile, ld_v};
-  const TileView<mma_t, ColMajor> k_transposed{k_tile, ld_qk}, v_transposed{v_tile, ld_v};
-  const TileView<mma_t, ColMajor> probs_transposed{probs, ld_p}, grad_scores_transposed{grad_scores, ld_p};
-  const float scale = static_cast<float>(p.scale);
-  const float* lse_all = static_cast<const float*>(p.lse);
+  // dV += P^T dO and dK += dS^T Q: P^T and dS^T are read from their rows.
+  const TileView<mma_t, ColMajor> probs_transposed{probs, layout.ld_probs}, grad_scores_transposed{grad_scores,
+                                                                                                    layout.ld_probs};
+  const TileView<mma_t, RowMajor> grad_out_view{pair.grad_out, layout.ld_v}, q_view{pair.q, layout.ld_qk};
 
-  const int64_t G = p.grid.group;
   for (int64_t item = blockIdx.x; item < key_tile_items<kBlockK>(p); item += gridDim.x) {
     const auto [m, k0, cols] = key_tile<kBlockK>(p, item);
     const int key_tiles = static_cast<int>(ceil_div(cols, kMmaTile));
-    const HeadView<scalar_t> kv_head(p, m * G);
     __syncthreads();  // the previous item is done with shared memory
-    // Keys [cols, kBlockK) and head-dim columns up to the next multiple of 16 are zero.
-    load_operand_tile(k_tile, ld_qk, kv_head.k + k0 * p.key.row_stride, p.key.row_stride, cols, kBlockK, E);
-    load_operand_tile(v_tile, ld_v, kv_head.v + k0 * p.value.row_stride, p.value.row_stride, cols, kBlockK, Ev);
-    zero_rows(grad_k, ld_gk, kBlockK, e_tiles * kMmaTile);
-    zero_rows(grad_v, ld_gv, kBlockK, ev_tiles * kMmaTile);
+    pair.load_keys(HeadView<scalar_t>(p, m * p.grid.group), k0, cols);
+    zero_rows(grad_k, layout.ld_grad_qk, kBlockK, dims.e_tiles * kMmaTile);
+    zero_rows(grad_v, layout.ld_grad_v, kBlockK, dims.ev_tiles * kMmaTile);
 
     for_each_query_tile<kBlockQ, scalar_t>(p, m, k0, cols, [&](int64_t n, const HeadView<scalar_t>& head,
                                                               int64_t q0, int rows) {
-      const scalar_t* grad_out = g.grad_out.ptr<scalar_t>(p.grid, n);
       const int query_tiles = static_cast<int>(ceil_div(rows, kMmaTile));
-      load_operand_tile(q_tile, ld_qk, head.q + q0 * p.query.row_stride, p.query.row_stride, rows, kBlockQ, E);
-      load_operand_tile(grad_out_tile, ld_v, grad_out + q0 * g.grad_out.row_stride, g.grad_out.row_stride, rows, kBlockQ, Ev);
-      load_row_values(lse, lse_all + n * p.L + q0, rows, kBlockQ, neg_inf<float>());
-      load_row_values(delta, delta_all + n * p.L + q0, rows, kBlockQ, 0.f);
+      pair.load_queries(head, n, q0, rows, delta_all);
       __syncthreads();
-
-      block_mma(scores, ld_s, false, q_view, k_transposed, query_tiles, key_tiles, e_tiles);
-      block_mma(grad_probs, ld_s, false, grad_out_view, v_transposed, query_tiles, key_tiles, ev_tiles);
+      pair.scores_and_grad_probs(query_tiles, key_tiles);
       __syncthreads();
 
       // P and dS as 16-bit operands, 0 for padding rows and columns.
       for (int idx = threadIdx.x; idx < kBlockQ * kBlockK; idx += kThreads) {
         const int i = idx / kBlockK, j = idx % kBlockK;
-        ProbAndGrad<float> pg{0.f, 0.f};
-        if (i < rows && j < cols) {
-          pg = prob_and_grad_from_dots(head, n, q0 + i, k0 + j, scores[i * ld_s + j], grad_probs[i * ld_s + j],
-                                       lse[i], delta[i]);
-        }
-        probs[i * ld_p + j] = MmaOperand<scalar_t>::round(pg.prob);
-        grad_scores[i * ld_p + j] = MmaOperand<scalar_t>::round(pg.grad_score);
+        const ProbAndGrad<float> pg = i < rows && j < cols ? pair.prob_and_grad(head, n, q0, k0, i, j)
+                                                           : ProbAndGrad<float>{0.f, 0.f};
+        probs[i * layout.ld_probs + j] = MmaOperand<scalar_t>::round(pg.prob);
+        grad_scores[i * layout.ld_probs + j] = MmaOperand<scalar_t>::round(pg.grad_score);
       }
       __syncthreads();
 
       // dV += P^T dO;  dK += dS^T Q (scaled once, at the end), over the tile's query rows.
-      block_mma(grad_v, ld_gv, true, probs_transposed, grad_out_view, key_tiles, ev_tiles, query_tiles);
-      block_mma(grad_k, ld_gk, true, grad_scores_transposed, q_view, key_tiles, e_tiles, query_tiles);
+      block_mma(grad_v, layout.ld_grad_v, true, probs_transposed, grad_out_view, key_tiles, dims.ev_tiles,
+                query_tiles);
+      block_mma(grad_k, layout.ld_grad_qk, true, grad_scores_transposed, q_view, key_tiles, dims.e_tiles,
+                query_tiles);
       __syncthreads();  // before the next query tile overwrites Q, dO, S, dP, P and dS
     });
     __syncthreads();  // the accumulators are complete (also when every tile was skipped)
 
+    const float scale = static_cast<float>(p.scale);
+    const int E = dims.E, Ev = dims.Ev;
     scalar_t* grad_key = static_cast<scalar_t*>(g.grad_key) + (m * p.S + k0) * p.E;
     scalar_t* grad_value = static_cast<scalar_t*>(g.grad_value) + (m * p.S + k0) * p.Ev;
     for (int idx = threadIdx.x; idx < cols * E; idx += kThreads)
-      grad_key[idx] = static_cast<scalar_t>(scale * grad_k[(idx / E) * ld_gk + idx % E]);
+      grad_key[idx] = static_cast<scalar_t>(scale * grad_k[(idx / E) * layout.ld_grad_qk + idx % E]);
     for (int idx = threadIdx.x; idx < cols * Ev; idx += kThreads)
-      grad_value[idx] = static_cast<scalar_t>(grad_v[(idx / Ev) * ld_gv + idx % Ev]);
+      grad_value[idx] = static_cast<scalar_t>(grad_v[(idx / Ev) * layout.ld_grad_v + idx % Ev]);
   }
 #endif
 }
@@ -111,73 +156,54 @@ __global__ void __launch_bounds__(kThreads)
   using mma_t = typename MmaOperand<scalar_t>::type;
   constexpr int kBlockQ = Traits::kBlockQ, kBlockK = Traits::kBlockK;
   const AttentionParams& p = g.fwd;
-  const auto [E, Ev, e_tiles, ev_tiles] = mma_head_dims(p);
-  const auto layout = Traits::layout(E, Ev);
-  const int ld_qk = layout.ld_qk, ld_v = layout.ld_v, ld_s = layout.ld_scores, ld_p = layout.ld_probs,
-            ld_gq = layout.ld_grad_qk;
-  mma_t* q_tile = shared_region<mma_t>(layout.q);
-  mma_t* grad_out_tile = shared_region<mma_t>(layout.grad_out);
+  const auto dims = mma_head_dims(p);
+  const BackwardTilePair<scalar_t, typename Traits::Layout, kBlockQ, kBlockK> pair(g, dims);
+  const auto& layout = pair.layout;
   float* grad_q = shared_region<float>(layout.grad_q);
-  mma_t* k_tile = shared_region<mma_t>(layout.k);
-  mma_t* v_tile = shared_region<mma_t>(layout.v);
-  float* scores = shared_region<float>(layout.scores);
-  float* grad_probs = shared_region<float>(layout.grad_probs);
   mma_t* grad_scores = shared_region<mma_t>(layout.grad_scores);
-  float* lse = shared_region<float>(layout.lse);
-  float* delta = shared_region<float>(layout.delta);
-  const TileView<mma_t, RowMajor> q_view{q_tile, ld_qk}, grad_out_view{grad_out_tile, ld_v};
-  const TileView<mma_t, RowMajor> grad_scores_view{grad_scores, ld_p}, k_view{k_tile, ld_qk};
-  const TileView<mma_t, ColMajor> k_transposed{k_tile, ld_qk}, v_transposed{v_tile, ld_v};
-  const float scale = static_cast<float>(p.scale);
-  const float* lse_all = static_cast<const float*>(p.lse);
+  // dQ += dS K.
+  const TileView<mma_t, RowMajor> grad_scores_view{grad_scores, layout.ld_probs}, k_view{pair.k, layout.ld_qk};
 
   for (int64_t item = blockIdx.x; item < query_tile_items<kBlockQ>(p); item += gridDim.x) {
     const auto [n, q0, rows] = query_tile<kBlockQ>(p, item);
     const int query_tiles = static_cast<int>(ceil_div(rows, kMmaTile));
     const HeadView<scalar_t> head(p, n);
-    const scalar_t* grad_out = g.grad_out.ptr<scalar_t>(p.grid, n);
     // One slab per batch-head here (GradScoresLayout::kPerBatchHead): blocks never write the same element.
     float* grad_scores_slab = g.grad_scores.data != nullptr ? g.grad_scores_slab<float>(n) : nullptr;
     __syncthreads();  // the previous item is done with shared memory
-    load_operand_tile(q_tile, ld_qk, head.q + q0 * p.query.row_stride, p.query.row_stride, rows, kBlockQ, E);
-    load_operand_tile(grad_out_tile, ld_v, grad_out + q0 * g.grad_out.row_stride, g.grad_out.row_stride, rows, kBlockQ, Ev);
-    zero_rows(grad_q, ld_gq, kBlockQ, e_tiles * kMmaTile);
-    load_row_values(lse, lse_all + n * p.L + q0, rows, kBlockQ, neg_inf<float>());
-    load_row_values(delta, delta_all + n * p.L + q0, rows, kBlockQ, 0.f);
+    pair.load_queries(head, n, q0, rows, delta_all);
+    zero_rows(grad_q, layout.ld_grad_qk, kBlockQ, dims.e_tiles * kMmaTile);
 
     // Tiles it skips leave dS at 0 (zero-filled).
     for_each_key_tile<kBlockK>(head, q0, rows, [&](int64_t k0, int cols) {
       const int key_tiles = static_cast<int>(ceil_div(cols, kMmaTile));
-      load_operand_tile(k_tile, ld_qk, head.k + k0 * p.key.row_stride, p.key.row_stride, cols, kBlockK, E);
-      load_operand_tile(v_tile, ld_v, head.v + k0 * p.value.row_stride, p.value.row_stride, cols, kBlockK, Ev);
+      pair.load_keys(head, k0, cols);
       __syncthreads();
-
-      block_mma(scores, ld_s, false, q_view, k_transposed, query_tiles, key_tiles, e_tiles);
-      block_mma(grad_probs, ld_s, false, grad_out_view, v_transposed, query_tiles, key_tiles, ev_tiles);
+      pair.scores_and_grad_probs(query_tiles, key_tiles);
       __syncthreads();
 
       for (int idx = threadIdx.x; idx < kBlockQ * kBlockK; idx += kThreads) {
         const int i = idx / kBlockK, j = idx % kBlockK;
         float ds = 0.f;
         if (i < rows && j < cols) {
-          ds = prob_and_grad_from_dots(head, n, q0 + i, k0 + j, scores[i * ld_s + j], grad_probs[i * ld_s + j],
-                                       lse[i], delta[i])
-                   .grad_score;
+          ds = pair.prob_and_grad(head, n, q0, k0, i, j).grad_score;
           if (grad_scores_slab != nullptr) grad_scores_slab[(q0 + i) * p.S + k0 + j] = ds;
         }
-        grad_scores[i * ld_p + j] = MmaOperand<scalar_t>::round(ds);
+        grad_scores[i * layout.ld_probs + j] = MmaOperand<scalar_t>::round(ds);
       }
       __syncthreads();
 
       // dQ += dS K (scaled once, at the end)
-      block_mma(grad_q, ld_gq, true, grad_scores_view, k_view, query_tiles, e_tiles, key_tiles);
+      block_mma(grad_q, layout.ld_grad_qk, true, grad_scores_view, k_view, query_tiles, dims.e_tiles, key_tiles);
       __syncthreads();  // before the next key tile overwrites K, V, S, dP and dS
     });
     __syncthreads();  // the accumulator is complete (also when every tile was skipped)
 
+    const float scale = static_cast<float>(p.scale);
+    const int E = dims.E;
     float* grad_query = static_cast<float*>(g.grad_query) + (n * p.L + q0) * p.E;
     for (int idx = threadIdx.x; idx < rows * E; idx += kThreads)
-      grad_query[idx] = scale * grad_q[(idx / E) * ld_gq + idx % E];
+      grad_query[idx] = scale * grad_q[(idx / E) * layout.ld_grad_qk + idx % E];
   }
 #endif
 }
