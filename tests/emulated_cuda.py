@@ -8,14 +8,27 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import importlib.util
 import os
 
 import torch
 from torch.utils import cpp_extension
 
-from mha_ext import _sources
+TESTS = os.path.dirname(os.path.abspath(__file__))
+EMULATOR = os.path.join(TESTS, "cuda_emulator")
 
-EMULATOR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cuda_emulator")
+
+def _checkout_sources():
+    """This checkout's mha_ext/_sources.py (the source lists), whichever mha_ext is installed: the emulator
+    compiles the kernels of the tree these tests belong to."""
+    spec = importlib.util.spec_from_file_location(
+        "mha_ext_checkout_sources", os.path.join(os.path.dirname(TESTS), "mha_ext", "_sources.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+_sources = _checkout_sources()
 BUILD = os.path.join(_sources.ROOT, "build", "cuda-emulator")
 OPS = ("attention_forward", "attention_backward", "attention_weights", "attention_dropout_mask")
 
