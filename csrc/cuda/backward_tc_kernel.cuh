@@ -20,9 +20,11 @@ namespace mha_ext::cuda {
 // The shared-memory tiles both kernels have (KeyGradTensorCoreSmem and QueryGradTensorCoreSmem name them
 // alike) and the steps they share for a (query tile, key tile) pair: loading Q, dO, LSE and delta, or K and
 // V; S = Q K^T and dP = dO V^T; P and dS from those. Block-wide methods, no barrier inside.
-template <typename scalar_t, typename Layout, int kBlockQ, int kBlockK>
+template <typename scalar_t, typename Traits>
 struct BackwardTilePair {
   using mma_t = typename MmaOperand<scalar_t>::type;
+  using Layout = typename Traits::Layout;
+  static constexpr int kBlockQ = Traits::kBlockQ, kBlockK = Traits::kBlockK;
   const AttentionGradParams& g;
   const MmaHeadDims dims;
   const Layout layout;
@@ -35,10 +37,10 @@ struct BackwardTilePair {
   float* const lse;
   float* const delta;
 
-  __device__ BackwardTilePair(const AttentionGradParams& g_, MmaHeadDims dims_)
+  __device__ explicit BackwardTilePair(const AttentionGradParams& g_)
       : g(g_),
-        dims(dims_),
-        layout(kBlockQ, kBlockK, dims.E, dims.Ev),
+        dims(mma_head_dims(g.fwd)),
+        layout(Traits::layout(dims.E, dims.Ev)),
         q(shared_region<mma_t>(layout.q)),
         grad_out(shared_region<mma_t>(layout.grad_out)),
         k(shared_region<mma_t>(layout.k)),
@@ -90,8 +92,8 @@ __global__ void __launch_bounds__(kThreads)
   using mma_t = typename MmaOperand<scalar_t>::type;
   constexpr int kBlockQ = Traits::kBlockQ, kBlockK = Traits::kBlockK;
   const AttentionParams& p = g.fwd;
-  const auto dims = mma_head_dims(p);
-  const BackwardTilePair<scalar_t, typename Traits::Layout, kBlockQ, kBlockK> pair(g, dims);
+  const BackwardTilePair<scalar_t, Traits> pair(g);
+  const MmaHeadDims& dims = pair.dims;
   const auto& layout = pair.layout;
   float* grad_k = shared_region<float>(layout.grad_k);
   float* grad_v = shared_region<float>(layout.grad_v);
@@ -156,8 +158,8 @@ __global__ void __launch_bounds__(kThreads)
   using mma_t = typename MmaOperand<scalar_t>::type;
   constexpr int kBlockQ = Traits::kBlockQ, kBlockK = Traits::kBlockK;
   const AttentionParams& p = g.fwd;
-  const auto dims = mma_head_dims(p);
-  const BackwardTilePair<scalar_t, typename Traits::Layout, kBlockQ, kBlockK> pair(g, dims);
+  const BackwardTilePair<scalar_t, Traits> pair(g);
+  const MmaHeadDims& dims = pair.dims;
   const auto& layout = pair.layout;
   float* grad_q = shared_region<float>(layout.grad_q);
   mma_t* grad_scores = shared_region<mma_t>(layout.grad_scores);
