@@ -8,6 +8,7 @@ are honoured.
 
 import importlib.util
 import os
+import sys
 
 from setuptools import find_packages, setup
 from torch.utils import cpp_extension
@@ -42,6 +43,21 @@ def default_arch_list() -> str:
     return "8.0;9.0"
 
 
+class PersistentBuildExtension(cpp_extension.BuildExtension):
+    """torch's ninja build in a fixed folder under build/ (one per Python, torch and CUDA choice): pip's
+    editable installs otherwise compile in a fresh temporary folder, recompiling everything each time,
+    where ninja can rebuild just what changed."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, use_ninja=True, **kwargs)
+
+    def finalize_options(self):
+        if self.build_temp is None:
+            flavour = f"py{sys.version_info[0]}{sys.version_info[1]}-torch{torch.__version__}-{'cuda' if with_cuda else 'cpu'}"
+            self.build_temp = os.path.join(HERE, "build", f"temp-{flavour}")
+        super().finalize_options()
+
+
 with_cuda = want_cuda()
 if with_cuda and not os.environ.get("TORCH_CUDA_ARCH_LIST") and default_arch_list():
     os.environ["TORCH_CUDA_ARCH_LIST"] = default_arch_list()
@@ -67,5 +83,5 @@ setup(
             extra_link_args=sources.link_flags(),
         )
     ],
-    cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
+    cmdclass={"build_ext": PersistentBuildExtension},
 )

@@ -3,23 +3,26 @@
 #include <torch/library.h>
 
 TORCH_LIBRARY(mha_ext, m) {
-  // Returns (output (..., Hq, L, Ev), lse (..., Hq, L)). attn_mask: bool (True = attend) or floating
-  // (added); attn_bias: floating (added). Both broadcast to (..., Hq, L, S).
+  // Returns (output (..., H, L, Ev), lse (..., H, L)). query (..., Hq, L, E), key (..., Hkv, S, E), value
+  // (..., Hkv, S, Ev): leading dims broadcast as torch's (size 1 against any), Hq a multiple of Hkv or 1.
+  // attn_mask: bool (True = attend) or floating (added); attn_bias: floating (added); both broadcast to
+  // (..., H, L, S). causal: "none", "upper_left" (query i attends keys j <= i, torch's is_causal) or
+  // "lower_right" (j <= i + S - L: the last query row attends every key).
   m.def(
       "attention_forward(Tensor query, Tensor key, Tensor value, Tensor? attn_mask, Tensor? attn_bias, "
-      "bool is_causal, float scale, float dropout_p=0.0, Tensor? rng_state=None) -> (Tensor, Tensor)");
+      "str causal, float scale, float dropout_p=0.0, Tensor? rng_state=None) -> (Tensor, Tensor)");
   // Returns (grad_query, grad_key, grad_value, grad_attn_mask, grad_attn_bias); the last two are
   // empty unless requested. grad_lse (optional) is the gradient reaching the returned LSE.
   m.def(
       "attention_backward(Tensor grad_output, Tensor query, Tensor key, Tensor value, Tensor? attn_mask, "
-      "Tensor? attn_bias, Tensor output, Tensor lse, Tensor? grad_lse, bool is_causal, float scale, bool mask_requires_grad, "
+      "Tensor? attn_bias, Tensor output, Tensor lse, Tensor? grad_lse, str causal, float scale, bool mask_requires_grad, "
       "bool bias_requires_grad, float dropout_p=0.0, Tensor? rng_state=None) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   // Attention dropout keeps a (query, key) pair with probability 1 - dropout_p, scaling it by
   // 1 / (1 - dropout_p); rng_state = int64 [seed, offset] keys the counter-based RNG. This returns
-  // the decisions, bool (..., Hq, L, S), True = kept.
+  // the decisions, bool (..., H, L, S), True = kept.
   m.def("attention_dropout_mask(Tensor query, Tensor key, float dropout_p, Tensor rng_state) -> Tensor");
-  // Attention probabilities (..., Hq, L, S) from the LSE that attention_forward returned (before dropout).
+  // Attention probabilities (..., H, L, S) from the LSE that attention_forward returned (before dropout).
   m.def(
       "attention_weights(Tensor query, Tensor key, Tensor? attn_mask, Tensor? attn_bias, Tensor lse, "
-      "bool is_causal, float scale) -> Tensor");
+      "str causal, float scale) -> Tensor");
 }

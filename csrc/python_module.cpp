@@ -1,9 +1,15 @@
 // The Python extension module mha_ext._C: importing it registers the ops; build_info() says what was built.
-#include <torch/extension.h>
+// Plain pybind11, without torch/extension.h: the module binds no tensors, and that header alone costs
+// most of a minute of compile time.
+#include <pybind11/pybind11.h>
 #include <torch/version.h>
+
+#include <string>
 
 #include "cpu/gemm.h"
 #include "cpu/row_ops.h"
+
+namespace py = pybind11;
 
 namespace {
 

@@ -10,16 +10,12 @@ from . import _loader
 
 _C = _loader.load()
 
-from . import ops  # noqa: E402  (registers autograd and fake kernels for the ops loaded above)
+from . import errors, ops  # noqa: E402  (ops registers autograd and fake kernels for the ops loaded above)
+from ._loader import build_info  # noqa: E402
 from .functional import attention_weights, dropout_mask, scaled_dot_product_attention  # noqa: E402
 from . import masks, nn  # noqa: E402  (integrations stay opt-in: transformers is an optional dependency)
 
 __version__ = "0.1.0"
 
-
-def build_info() -> dict:
-    """What this build was compiled with: torch version, CPU ISA, CPU GEMM engine, CUDA and its archs."""
-    return dict(_C.build_info())
-
-
-__all__ = ["scaled_dot_product_attention", "attention_weights", "dropout_mask", "build_info", "masks", "nn", "ops", "__version__"]
+__all__ = ["scaled_dot_product_attention", "attention_weights", "dropout_mask", "build_info", "errors", "masks",
+           "nn", "ops", "__version__"]

@@ -45,14 +45,36 @@ def check_cpu() -> None:
 
 def check_torch_version(built_for: str) -> None:
     if _base_version(built_for) != _base_version(torch.__version__):
+        jit = " (or set MHA_EXT_JIT=1 to compile this checkout's sources on import)" if _sources.have_sources() else ""
         raise ImportError(
             f"mha_ext was built against torch {built_for} but torch {torch.__version__} is running; "
-            "rebuild it with `pip install --no-build-isolation .` (or use MHA_EXT_JIT=1)"
+            f"rebuild it with `pip install --no-build-isolation .`{jit}"
         )
 
 
+_module = None
+
+
+def loaded():
+    """The extension module this process has loaded, or None before the first load()."""
+    return _module
+
+
+def build_info() -> dict:
+    """What this build was compiled with: torch version, CPU ISA, CPU GEMM engine, CUDA and its archs."""
+    return dict(load().build_info())
+
+
 def load():
-    """Returns the extension module; importing it registers torch.ops.mha_ext.*."""
+    """Returns the extension module, importing it on the first call; importing it registers
+    torch.ops.mha_ext.*."""
+    global _module
+    if _module is None:
+        _module = _import_module()
+    return _module
+
+
+def _import_module():
     check_cpu()
     if os.environ.get("MHA_EXT_JIT") == "1":
         from . import jit
@@ -67,7 +89,8 @@ def load():
     try:
         return importlib.import_module("mha_ext._C")
     except ImportError as error:
+        jit = ", or set MHA_EXT_JIT=1 to compile them on import" if _sources.have_sources() else ""
         raise ImportError(
             f"mha_ext's compiled kernels could not be imported ({error}); build them with "
-            "`pip install --no-build-isolation -e .`, or set MHA_EXT_JIT=1 to compile them on import"
+            f"`pip install --no-build-isolation .`{jit}"
         ) from error

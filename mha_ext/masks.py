@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from ._checks import require_tensor
+from .errors import AttentionTypeError, AttentionValueError
 
 __all__ = [
     "causal",
@@ -39,14 +40,14 @@ def _check_zero_one(name: str, mask: Tensor) -> None:
         return
     bad = (mask != 0) & (mask != 1)
     if bool(bad.any()):
-        raise ValueError(
+        raise AttentionValueError(
             f"{name} must contain only 0 and 1, got value {mask[bad].flatten()[0].item()!r}"
         )
 
 
 def _check_bool_or_float(name: str, mask: Tensor) -> None:
     if mask.dtype != torch.bool and not mask.is_floating_point():
-        raise TypeError(f"{name} must be a bool or floating tensor, got dtype {mask.dtype}")
+        raise AttentionTypeError(f"{name} must be a bool or floating tensor, got dtype {mask.dtype}")
 
 
 def causal(L: int, S: int | None = None, *, device=None) -> Tensor:
@@ -59,7 +60,7 @@ def causal(L: int, S: int | None = None, *, device=None) -> Tensor:
     S = L if S is None else S
     for name, n in (("L", L), ("S", S)):
         if not isinstance(n, int) or isinstance(n, bool) or n < 0:
-            raise ValueError(f"{name} must be a non-negative int, got {n!r}")
+            raise AttentionValueError(f"{name} must be a non-negative int, got {n!r}")
     return torch.ones(L, S, dtype=torch.bool, device=device).tril()
 
 
@@ -72,16 +73,16 @@ def key_padding_from_lengths(lengths: Tensor, max_len: int | None = None) -> Ten
     """
     require_tensor("lengths", lengths)
     if lengths.dim() != 1 or lengths.dtype.is_floating_point or lengths.dtype == torch.bool:
-        raise ValueError(
+        raise AttentionValueError(
             f"lengths must be a 1-D integer tensor (N,), got shape {tuple(lengths.shape)} and dtype {lengths.dtype}"
         )
     if lengths.numel() and bool((lengths < 0).any()):
-        raise ValueError(f"lengths must be non-negative, got {lengths.tolist()}")
+        raise AttentionValueError(f"lengths must be non-negative, got {lengths.tolist()}")
     longest = int(lengths.max()) if lengths.numel() else 0
     if max_len is None:
         max_len = longest
     elif max_len < longest:
-        raise ValueError(f"max_len must be at least lengths.max() = {longest}, got {max_len}")
+        raise AttentionValueError(f"max_len must be at least lengths.max() = {longest}, got {max_len}")
     keep = torch.arange(max_len, device=lengths.device) < lengths[:, None]
     return keep[:, None, None, :]
 
@@ -96,7 +97,7 @@ def from_attention_mask(attention_mask: Tensor) -> Tensor:
     """
     require_tensor("attention_mask", attention_mask)
     if attention_mask.dim() not in (2, 3):
-        raise ValueError(
+        raise AttentionValueError(
             "attention_mask must be (N, S) or (N, L, S) with 1 = attend, "
             f"got shape {tuple(attention_mask.shape)}"
         )
@@ -132,7 +133,7 @@ def query_key_mask(query_mask: Tensor, key_mask: Tensor) -> Tensor:
     require_tensor("query_mask", query_mask)
     require_tensor("key_mask", key_mask)
     if query_mask.dim() != 2 or key_mask.dim() != 2 or query_mask.shape[0] != key_mask.shape[0]:
-        raise ValueError(
+        raise AttentionValueError(
             "query_mask must be (N, L) and key_mask (N, S) with the same N, got shapes "
             f"{tuple(query_mask.shape)} and {tuple(key_mask.shape)}"
         )
@@ -152,7 +153,7 @@ def from_torch_key_padding_mask(key_padding_mask: Tensor) -> Tensor:
     require_tensor("key_padding_mask", key_padding_mask)
     _check_bool_or_float("key_padding_mask", key_padding_mask)
     if key_padding_mask.dim() not in (1, 2):
-        raise ValueError(
+        raise AttentionValueError(
             f"key_padding_mask must be (N, S) or unbatched (S,), got shape {tuple(key_padding_mask.shape)}"
         )
     mask = key_padding_mask.unsqueeze(-2).unsqueeze(-2)
@@ -171,13 +172,13 @@ def from_torch_attn_mask(attn_mask: Tensor, num_heads: int) -> Tensor:
     _check_bool_or_float("attn_mask", attn_mask)
     if attn_mask.dim() == 3:
         if attn_mask.shape[0] % num_heads:
-            raise ValueError(
+            raise AttentionValueError(
                 f"a 3-D attn_mask must be (N * num_heads, L, S) with num_heads={num_heads}, "
                 f"got shape {tuple(attn_mask.shape)}"
             )
         attn_mask = attn_mask.unflatten(0, (-1, num_heads))
     elif attn_mask.dim() != 2:
-        raise ValueError(
+        raise AttentionValueError(
             f"attn_mask must be (L, S) or (N * num_heads, L, S), got shape {tuple(attn_mask.shape)}"
         )
     return attn_mask if attn_mask.is_floating_point() else ~attn_mask
@@ -191,7 +192,7 @@ def to_additive(mask: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
     """
     require_tensor("mask", mask)
     if mask.dtype != torch.bool:
-        raise TypeError(f"mask must be a bool tensor (True = attend), got dtype {mask.dtype}")
+        raise AttentionTypeError(f"mask must be a bool tensor (True = attend), got dtype {mask.dtype}")
     return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
 
 
@@ -206,10 +207,10 @@ def apply_head_mask(attn_output: Tensor, head_mask: Tensor) -> Tensor:
     require_tensor("attn_output", attn_output)
     require_tensor("head_mask", head_mask)
     if attn_output.dim() < 3:
-        raise ValueError(f"attn_output must be (..., H, L, Ev), got shape {tuple(attn_output.shape)}")
+        raise AttentionValueError(f"attn_output must be (..., H, L, Ev), got shape {tuple(attn_output.shape)}")
     heads = attn_output.shape[-3]
     if head_mask.dim() not in (1, 2) or head_mask.shape[-1] != heads:
-        raise ValueError(
+        raise AttentionValueError(
             f"head_mask must be (H,) or (N, H) with H = {heads} (attn_output's head dimension), "
             f"got shape {tuple(head_mask.shape)}"
         )

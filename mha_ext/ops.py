@@ -13,16 +13,32 @@ def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def _leading_shape(query, key, value) -> tuple:
+    """The outputs' leading dims (before L): query's, key's and value's broadcast as in torch, the heads
+    being query's, or key/value's where the query has one (the op's contract, csrc/attention/contract.cpp)."""
+    rank = max(query.dim(), key.dim(), value.dim())
+    if rank < 3:
+        return ()
+    q, k, v = (tuple(t.shape[:-2]) for t in (query, key, value))
+    batch = torch.broadcast_shapes(q[:-1], k[:-1], v[:-1])
+    query_heads = q[-1] if q else 1
+    kv_heads = torch.broadcast_shapes(k[-1:], v[-1:])
+    heads = query_heads if query_heads != 1 or not kv_heads else kv_heads[0]
+    return tuple(batch) + (heads,)
+
+
 @torch.library.register_fake("mha_ext::attention_forward")
-def _attention_forward_fake(query, key, value, attn_mask, attn_bias, is_causal, scale, dropout_p=0.0, rng_state=None):
-    out = query.new_empty(query.shape[:-1] + (value.shape[-1],))
-    lse = query.new_empty(query.shape[:-1], dtype=_accumulation_dtype(query.dtype))
+def _attention_forward_fake(query, key, value, attn_mask, attn_bias, causal, scale, dropout_p=0.0, rng_state=None):
+    lead = _leading_shape(query, key, value)
+    L = query.shape[-2]
+    out = query.new_empty(lead + (L, value.shape[-1]))
+    lse = query.new_empty(lead + (L,), dtype=_accumulation_dtype(query.dtype))
     return out, lse
 
 
 @torch.library.register_fake("mha_ext::attention_backward")
 def _attention_backward_fake(grad_output, query, key, value, attn_mask, attn_bias, output, lse, grad_lse,
-                             is_causal, scale, mask_requires_grad, bias_requires_grad, dropout_p=0.0,
+                             causal, scale, mask_requires_grad, bias_requires_grad, dropout_p=0.0,
                              rng_state=None):
     def grad_like(tensor, wanted):
         return tensor.new_empty(tensor.shape) if wanted else query.new_empty((0,))
@@ -33,20 +49,21 @@ def _attention_backward_fake(grad_output, query, key, value, attn_mask, attn_bia
 
 @torch.library.register_fake("mha_ext::attention_dropout_mask")
 def _attention_dropout_mask_fake(query, key, dropout_p, rng_state):
-    return query.new_empty(query.shape[:-1] + (key.shape[-2],), dtype=torch.bool)
+    scores = _leading_shape(query, key, key) + (query.shape[-2], key.shape[-2])
+    return query.new_empty(scores, dtype=torch.bool)
 
 
 @torch.library.register_fake("mha_ext::attention_weights")
-def _attention_weights_fake(query, key, attn_mask, attn_bias, lse, is_causal, scale):
-    return query.new_empty(query.shape[:-1] + (key.shape[-2],))
+def _attention_weights_fake(query, key, attn_mask, attn_bias, lse, causal, scale):
+    return query.new_empty(_leading_shape(query, key, key) + (query.shape[-2], key.shape[-2]))
 
 
 def _forward_setup_context(ctx, inputs, output):
-    query, key, value, attn_mask, attn_bias, is_causal, scale, dropout_p, rng_state = inputs
+    query, key, value, attn_mask, attn_bias, causal, scale, dropout_p, rng_state = inputs
     out, lse = output
     # rng_state is kept so the backward regenerates the forward's dropout decisions.
     ctx.save_for_backward(query, key, value, attn_mask, attn_bias, out, lse, rng_state)
-    ctx.is_causal = is_causal
+    ctx.causal = causal
     ctx.scale = scale
     ctx.dropout_p = dropout_p
 
@@ -57,7 +74,7 @@ def _forward_backward(ctx, grad_out, grad_lse):
     mask_requires_grad = bool(needs[3]) and attn_mask is not None and attn_mask.is_floating_point()
     bias_requires_grad = bool(needs[4]) and attn_bias is not None
     grad_q, grad_k, grad_v, grad_mask, grad_bias = _ops.attention_backward(
-        grad_out, query, key, value, attn_mask, attn_bias, out, lse, grad_lse, ctx.is_causal, ctx.scale,
+        grad_out, query, key, value, attn_mask, attn_bias, out, lse, grad_lse, ctx.causal, ctx.scale,
         mask_requires_grad, bias_requires_grad, ctx.dropout_p, rng_state)
     return (grad_q, grad_k, grad_v, grad_mask if mask_requires_grad else None,
             grad_bias if bias_requires_grad else None, None, None, None, None)

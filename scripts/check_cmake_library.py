@@ -10,7 +10,7 @@ torch.ops.load_library(sys.argv[1])
 q, k, v = (torch.randn(2, 3, n, 16, dtype=torch.float64) for n in (9, 13, 13))
 keep = torch.rand(2, 1, 9, 13) > 0.3
 keep[..., 0] = True
-out, lse = torch.ops.mha_ext.attention_forward(q, k, v, keep, None, False, 0.25)
+out, lse = torch.ops.mha_ext.attention_forward(q, k, v, keep, None, "none", 0.25)
 expected = F.scaled_dot_product_attention(q, k, v, attn_mask=keep, scale=0.25)
 torch.testing.assert_close(out, expected)
 print(f"CMake library {sys.argv[1]}: attention_forward matches torch (max err {(out - expected).abs().max():.1e})")

@@ -145,9 +145,9 @@ def test_cpu_mask_with_cuda_query_names_the_argument():
         mha_ext.scaled_dot_product_attention(q, k, v, attn_mask=cpu_mask)
     # The op itself (below the Python checks) reports it too.
     with pytest.raises(ValueError, match="attn_mask must be on the query's device"):
-        torch.ops.mha_ext.attention_forward(q, k, v, cpu_mask, None, False, 1.0)
+        torch.ops.mha_ext.attention_forward(q, k, v, cpu_mask, None, "none", 1.0)
     with pytest.raises(ValueError, match="attn_bias must be on the query's device"):
-        torch.ops.mha_ext.attention_forward(q, k, v, None, inputs["attn_bias"].cpu(), False, 1.0)
+        torch.ops.mha_ext.attention_forward(q, k, v, None, inputs["attn_bias"].cpu(), "none", 1.0)
 
 
 @pytest.mark.parametrize("E, Ev, name", [(300, 16, "query's head dim E"), (16, 257, "value's head dim Ev")])

@@ -176,6 +176,6 @@ def test_bad_dropout_arguments_are_named():
     with pytest.raises(ValueError, match=r"dropout_p must be in \[0, 1\], got 1.5"):
         mha_ext.scaled_dot_product_attention(q, q, q, dropout_p=1.5)
     with pytest.raises(ValueError, match=r"needs rng_state"):
-        torch.ops.mha_ext.attention_forward(q, q, q, None, None, False, 1.0, 0.5, None)
+        torch.ops.mha_ext.attention_forward(q, q, q, None, None, "none", 1.0, 0.5, None)
     with pytest.raises(ValueError, match=r"rng_state must be an int64 tensor of 2 elements .* got Float of shape \(3,\)"):
-        torch.ops.mha_ext.attention_forward(q, q, q, None, None, False, 1.0, 0.5, torch.zeros(3))
+        torch.ops.mha_ext.attention_forward(q, q, q, None, None, "none", 1.0, 0.5, torch.zeros(3))

@@ -268,7 +268,7 @@ def test_defaults_and_factory_kwargs_match_torch():
 
 
 def spy_op(monkeypatch):
-    """Record the arguments of every mha_ext.scaled_dot_product_attention call."""
+    """Record the arguments of every mha_ext.scaled_dot_product_attention call the layer makes."""
     calls = []
     real = mha_ext.scaled_dot_product_attention
 
@@ -277,7 +277,7 @@ def spy_op(monkeypatch):
                           dropout_p=dropout_p, **kw))
         return real(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, **kw)
 
-    monkeypatch.setattr(mha_ext, "scaled_dot_product_attention", spy)
+    monkeypatch.setattr(mha_ext.nn.multihead_attention, "scaled_dot_product_attention", spy)
     return calls
 
 
@@ -336,7 +336,7 @@ def test_weights_come_from_the_fused_kernels_reusing_the_lse(monkeypatch):
         weight_calls.append(kwargs)
         return real(query, key, **kwargs)
 
-    monkeypatch.setattr(mha_ext, "attention_weights", spy)
+    monkeypatch.setattr(mha_ext.nn.multihead_attention, "attention_weights", spy)
     layer = mha_ext.nn.MultiheadAttention(E, H)
     x = torch.randn(L, N, E)
     _, weights = layer(x, x, x, average_attn_weights=False)

@@ -25,7 +25,7 @@ def sample_inputs(device, dtype=torch.float32, requires_grad=True):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_opcheck_attention_forward(device, dtype):
     q, k, v, mask, bias = sample_inputs(device, dtype)
-    for args in [(q, k, v, None, None, False, 0.3), (q, k, v, mask, bias, True, 0.5), (q, k, v, bias, None, False, 1.0)]:
+    for args in [(q, k, v, None, None, "none", 0.3), (q, k, v, mask, bias, "upper_left", 0.5), (q, k, v, bias, None, "none", 1.0)]:
         torch.library.opcheck(ops.attention_forward, args)
 
 
@@ -33,23 +33,23 @@ def test_opcheck_attention_forward(device, dtype):
 def test_opcheck_with_dropout(device):
     q, k, v, mask, bias = sample_inputs(device, torch.float64)
     rng_state = torch.tensor([3, 4], dtype=torch.int64)
-    torch.library.opcheck(ops.attention_forward, (q, k, v, mask, bias, True, 0.5, 0.3, rng_state))
+    torch.library.opcheck(ops.attention_forward, (q, k, v, mask, bias, "upper_left", 0.5, 0.3, rng_state))
     torch.library.opcheck(ops.attention_dropout_mask, (q, k, 0.3, rng_state))
     q, k, v, bias = (t.detach() for t in (q, k, v, bias))  # the backward op itself has no autograd formula
-    out, lse = ops.attention_forward(q, k, v, mask, bias, True, 0.5, 0.3, rng_state)
-    torch.library.opcheck(ops.attention_backward, (torch.randn_like(out), q, k, v, mask, bias, out, lse, None, True,
+    out, lse = ops.attention_forward(q, k, v, mask, bias, "upper_left", 0.5, 0.3, rng_state)
+    torch.library.opcheck(ops.attention_backward, (torch.randn_like(out), q, k, v, mask, bias, out, lse, None, "upper_left",
                                                    0.5, False, True, 0.3, rng_state))
 
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_opcheck_attention_backward_and_weights(device):
     q, k, v, mask, bias = sample_inputs(device, torch.float64, requires_grad=False)
-    out, lse = ops.attention_forward(q, k, v, mask, bias, True, 0.5)
+    out, lse = ops.attention_forward(q, k, v, mask, bias, "upper_left", 0.5)
     grad_out = torch.randn_like(out)
     grad_lse = torch.randn_like(lse)
-    torch.library.opcheck(ops.attention_backward, (grad_out, q, k, v, mask, bias, out, lse, None, True, 0.5, False, True))
-    torch.library.opcheck(ops.attention_backward, (grad_out, q, k, v, mask, bias, out, lse, grad_lse, True, 0.5, False, False))
-    torch.library.opcheck(ops.attention_weights, (q, k, mask, bias, lse, True, 0.5))
+    torch.library.opcheck(ops.attention_backward, (grad_out, q, k, v, mask, bias, out, lse, None, "upper_left", 0.5, False, True))
+    torch.library.opcheck(ops.attention_backward, (grad_out, q, k, v, mask, bias, out, lse, grad_lse, "upper_left", 0.5, False, False))
+    torch.library.opcheck(ops.attention_weights, (q, k, mask, bias, lse, "upper_left", 0.5))
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -84,9 +84,9 @@ def test_torch_compile_inductor_has_no_graph_break():
 @pytest.mark.parametrize("device", DEVICES)
 def test_forward_is_bitwise_deterministic(device):
     q, k, v, mask, bias = sample_inputs(device, requires_grad=False)
-    first = ops.attention_forward(q, k, v, mask, bias, True, 0.4)
+    first = ops.attention_forward(q, k, v, mask, bias, "upper_left", 0.4)
     for _ in range(3):
-        again = ops.attention_forward(q, k, v, mask, bias, True, 0.4)
+        again = ops.attention_forward(q, k, v, mask, bias, "upper_left", 0.4)
         assert torch.equal(first[0], again[0]) and torch.equal(first[1], again[1])
 
 

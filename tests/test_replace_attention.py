@@ -19,7 +19,7 @@ def count_op_calls(monkeypatch):
         calls.append(args[0].shape)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(mha_ext, "scaled_dot_product_attention", spy)
+    monkeypatch.setattr(mha_ext.nn.multihead_attention, "scaled_dot_product_attention", spy)
     return calls
 
 

@@ -1,8 +1,9 @@
 #include "attention/contract.h"
 
-#include <ATen/ATen.h>
+#include <ATen/ops/zeros.h>
 #include <c10/util/Exception.h>
 
+#include <cmath>
 #include <sstream>
 #include <string>
 
@@ -25,63 +26,136 @@ at::Tensor with_unit_last_stride(const at::Tensor& t) {
   return last_ok && rows_ok ? t : t.contiguous();
 }
 
-// Grid: query's leading dims with the head dim split into (kv_heads, group); size-1 dims dropped.
-class GridBuilder {
+// Size of `t` along dim d of a rank-`rank` shape that t's dims right-align with; 1 where t lacks it.
+int64_t aligned_size(const at::Tensor& t, int64_t rank, int64_t d) {
+  const int64_t td = d - (rank - t.dim());
+  return td < 0 ? 1 : t.size(td);
+}
+
+// torch's broadcast of one dim: the sizes must be equal or 1; `ok` turns false where they are not.
+int64_t broadcast_dim(std::initializer_list<int64_t> sizes, bool& ok) {
+  int64_t out = 1;
+  for (int64_t s : sizes) {
+    if (s == 1) continue;
+    if (out != 1 && out != s) ok = false;
+    out = s;
+  }
+  return out;
+}
+
+LeadingDims broadcast_leading_dims(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
+  const int64_t rank = std::max({q.dim(), k.dim(), v.dim()});
+  const int64_t n_lead = rank - 2;
+  LeadingDims lead;
+  lead.has_heads = n_lead >= 1;
+  auto shapes = [&] {
+    return "got query " + shape_str(q.sizes()) + ", key " + shape_str(k.sizes()) + ", value " + shape_str(v.sizes());
+  };
+  for (int64_t d = 0; d < n_lead; ++d) {
+    const int64_t sq = aligned_size(q, rank, d), sk = aligned_size(k, rank, d), sv = aligned_size(v, rank, d);
+    bool ok = true;
+    if (!lead.has_heads || d < n_lead - 1) {
+      lead.sizes.push_back(broadcast_dim({sq, sk, sv}, ok));
+      TORCH_CHECK_VALUE(ok, "mha_ext: batch dim ", d - rank, " must be equal or 1 across query, key and value ",
+                        "(they broadcast as in torch); ", shapes());
+      continue;
+    }
+    const int64_t hkv = broadcast_dim({sk, sv}, ok);
+    TORCH_CHECK_VALUE(ok, "mha_ext: key and value must have the same number of heads (dim -3), or one of them 1; ",
+                      shapes());
+    if (sq == 0 && hkv <= 1) {  // no heads
+      lead.kv_heads = 0;
+    } else if (hkv == 1) {  // one key/value head, shared by every query head
+      lead.group = sq;
+    } else if (sq == hkv || sq == 1) {  // as many heads, or one query head broadcast over them
+      lead.kv_heads = hkv;
+    } else {
+      TORCH_CHECK_VALUE(hkv > 0 && sq % hkv == 0, "mha_ext: query heads (dim -3) must equal the key/value heads, ",
+                        "be a multiple of them (grouped-query attention) or 1, or key and value have 1 head; ",
+                        shapes());
+      lead.kv_heads = hkv;
+      lead.group = sq / hkv;
+    }
+    lead.sizes.push_back(lead.kv_heads * lead.group);
+  }
+  return lead;
+}
+
+// Binds tensors onto the batch grid of a call: the leading dims with the head dim split into
+// (kv_heads, group), size-1 dims dropped.
+class GridBinder {
  public:
-  GridBuilder(at::IntArrayRef query_sizes, int64_t group) : has_heads_(query_sizes.size() >= 3), group_(group) {
-    const int64_t n_lead = static_cast<int64_t>(query_sizes.size()) - 2;
+  explicit GridBinder(const LeadingDims& lead) : lead_(lead) {
+    const int64_t n_lead = static_cast<int64_t>(lead.sizes.size());
     for (int64_t d = 0; d < n_lead; ++d) {
-      if (has_heads_ && d == n_lead - 1) {
-        sizes_.push_back(query_sizes[d] / group);
-        sizes_.push_back(group);
+      if (lead.has_heads && d == n_lead - 1) {
+        split_.push_back(lead.kv_heads);
+        split_.push_back(lead.group);
       } else {
-        sizes_.push_back(query_sizes[d]);
+        split_.push_back(lead.sizes[d]);
       }
     }
   }
 
   BatchGrid grid(at::IntArrayRef query_sizes) const {
     BatchGrid g;
-    for (int64_t s : sizes_) {
+    for (int64_t s : split_) {
       g.numel *= s;
       if (s == 1) continue;
-      TORCH_CHECK_VALUE(g.ndim < kMaxGridDims, "mha_ext: query has too many batch dims of size > 1 (at most ",
-                        kMaxGridDims - 2, " besides the head dim), got shape ", shape_str(query_sizes));
+      TORCH_CHECK_VALUE(g.ndim < kMaxGridDims, "mha_ext: the inputs have too many batch dims of size > 1 (at most ",
+                        kMaxGridDims - 2, " besides the head dim), got query shape ", shape_str(query_sizes));
       g.sizes[g.ndim++] = s;
     }
-    g.group = group_;
+    g.group = lead_.group;
     return g;
   }
 
-  // Binds a tensor whose leading dims lie over the query's; `is_kv` maps a query head to its kv head.
-  Operand bind(const at::Tensor& t, bool is_kv) const {
+  // Binds a tensor whose dims right-align with (leading dims..., rows, cols): stride 0 along the leading
+  // dims it lacks or has size 1 in. `broadcast_rows_cols`: the same for rows and columns (masks); otherwise
+  // their strides are the tensor's own (query, key, value: BLAS leading dims).
+  Operand bind(const at::Tensor& t, bool broadcast_rows_cols) const {
     Operand op;
-    const int64_t n_lead = t.dim() - 2;
+    const int64_t n_lead = static_cast<int64_t>(lead_.sizes.size());
+    const int64_t rank = n_lead + 2;
     int out = 0;
-    size_t grid_dim = 0;
+    size_t split_dim = 0;
     auto put = [&](int64_t stride) {
-      if (sizes_[grid_dim++] != 1) op.grid_strides[out++] = stride;
+      if (split_[split_dim++] != 1) op.grid_strides[out++] = stride;
     };
     for (int64_t d = 0; d < n_lead; ++d) {
-      const int64_t stride = t.stride(d);
-      if (has_heads_ && d == n_lead - 1) {
-        put(is_kv ? stride : stride * group_);  // kv head
-        put(is_kv ? 0 : stride);                // position within the group: K/V shared
+      const int64_t td = d - (rank - t.dim());
+      const int64_t size = td < 0 ? 1 : t.size(td);
+      const int64_t stride = size == 1 ? 0 : t.stride(td);
+      if (lead_.has_heads && d == n_lead - 1) {
+        const bool all_heads = size == lead_.sizes[d] && size != 1;
+        put(all_heads ? stride * lead_.group : stride);  // kv head
+        put(all_heads ? stride : 0);                     // position within the group: 0 for key/value heads
       } else {
         put(stride);
       }
     }
+    auto inner_stride = [&](int64_t back) {
+      if (t.dim() < back) return int64_t(0);
+      return broadcast_rows_cols && t.size(-back) == 1 ? int64_t(0) : t.stride(-back);
+    };
     op.data = t.data_ptr();
-    op.row_stride = t.stride(-2);
-    op.col_stride = t.stride(-1);
+    op.row_stride = inner_stride(2);
+    op.col_stride = inner_stride(1);
     return op;
   }
 
  private:
-  bool has_heads_;
-  int64_t group_;
-  std::vector<int64_t> sizes_;
+  LeadingDims lead_;
+  std::vector<int64_t> split_;
 };
+
+// A (rows, 1) column of zeros in `like`'s dtype and device: what an empty head dim is run as.
+at::Tensor zero_column(const at::Tensor& like, int64_t rows) { return at::zeros({rows, 1}, like.options()); }
+
+std::vector<int64_t> with_tail(std::vector<int64_t> lead, std::initializer_list<int64_t> tail) {
+  lead.insert(lead.end(), tail);
+  return lead;
+}
 
 }  // namespace
 
@@ -93,16 +167,23 @@ std::string shape_str(at::IntArrayRef sizes) {
   return out.str();
 }
 
+CausalRule causal_rule(c10::string_view causal, int64_t L, int64_t S) {
+  if (causal == "none") return CausalRule{};
+  if (causal == "upper_left") return CausalRule{true, 0};
+  TORCH_CHECK_VALUE(causal == "lower_right", "mha_ext: causal must be \"none\", \"upper_left\" or \"lower_right\", got \"",
+                    std::string(causal.data(), causal.size()), "\"");
+  return CausalRule{true, S - L};
+}
+
 PreparedAttention prepare_attention(const at::Tensor& query_in, const at::Tensor& key_in,
                                     const at::Tensor& value_in, const std::optional<at::Tensor>& attn_mask,
-                                    const std::optional<at::Tensor>& attn_bias, bool is_causal, double scale) {
-  const int64_t rank = query_in.dim();
-  TORCH_CHECK_VALUE(rank >= 2, "mha_ext: query must have at least 2 dims (..., L, E), got shape ",
-                    shape_str(query_in.sizes()));
-  TORCH_CHECK_VALUE(key_in.dim() == rank, "mha_ext: key must have the same number of dims as query (", rank,
-                    "), got shape ", shape_str(key_in.sizes()));
-  TORCH_CHECK_VALUE(value_in.dim() == rank, "mha_ext: value must have the same number of dims as query (",
-                    rank, "), got shape ", shape_str(value_in.sizes()));
+                                    const std::optional<at::Tensor>& attn_bias, c10::string_view causal,
+                                    double scale) {
+  for (const auto& [t, name] : {std::pair{&query_in, "query"}, {&key_in, "key"}, {&value_in, "value"}}) {
+    TORCH_CHECK_VALUE(t->dim() >= 2, "mha_ext: ", name, " must have at least 2 dims (..., ",
+                      t == &query_in ? "L, E" : (t == &key_in ? "S, E" : "S, Ev"), "), got shape ",
+                      shape_str(t->sizes()));
+  }
   TORCH_CHECK_TYPE(is_supported_dtype(query_in.scalar_type()),
                    "mha_ext: query must be float32, float64, bfloat16 or float16, got ", query_in.scalar_type());
   TORCH_CHECK_TYPE(key_in.scalar_type() == query_in.scalar_type(), "mha_ext: key must have the query's dtype ",
@@ -112,69 +193,51 @@ PreparedAttention prepare_attention(const at::Tensor& query_in, const at::Tensor
                    value_in.scalar_type());
   check_same_device(query_in, key_in, "key");
   check_same_device(query_in, value_in, "value");
+  TORCH_CHECK_VALUE(std::isfinite(scale), "mha_ext: scale must be finite, got ", scale);
 
   const int64_t L = query_in.size(-2), E = query_in.size(-1);
   const int64_t S = key_in.size(-2), Ev = value_in.size(-1);
-  TORCH_CHECK_VALUE(E >= 1, "mha_ext: query's head dim E (last dim) must be >= 1, got shape ",
-                    shape_str(query_in.sizes()));
   TORCH_CHECK_VALUE(key_in.size(-1) == E, "mha_ext: key's last dim must equal query's head dim E = ", E,
                     ", got key shape ", shape_str(key_in.sizes()));
-  TORCH_CHECK_VALUE(Ev >= 1, "mha_ext: value's head dim Ev (last dim) must be >= 1, got shape ",
-                    shape_str(value_in.sizes()));
   TORCH_CHECK_VALUE(value_in.size(-2) == S, "mha_ext: value's sequence length (dim -2) must equal key's S = ",
                     S, ", got value shape ", shape_str(value_in.sizes()));
-
-  const bool has_heads = rank >= 3;
-  const int64_t Hq = has_heads ? query_in.size(-3) : 1;
-  const int64_t Hkv = has_heads ? key_in.size(-3) : 1;
-  if (has_heads) {
-    TORCH_CHECK_VALUE(value_in.size(-3) == Hkv, "mha_ext: value must have key's number of heads (dim -3) ",
-                      Hkv, ", got value shape ", shape_str(value_in.sizes()));
-    TORCH_CHECK_VALUE(Hkv >= 1 && Hq % Hkv == 0, "mha_ext: query heads (dim -3) must be a multiple of key/value ",
-                      "heads; got query shape ", shape_str(query_in.sizes()), " and key shape ",
-                      shape_str(key_in.sizes()));
-    for (int64_t d = 0; d < rank - 3; ++d) {
-      TORCH_CHECK_VALUE(key_in.size(d) == query_in.size(d) && value_in.size(d) == query_in.size(d),
-                        "mha_ext: batch dim ", d, " must match across query, key and value; got query ",
-                        shape_str(query_in.sizes()), ", key ", shape_str(key_in.sizes()), ", value ",
-                        shape_str(value_in.sizes()));
-    }
-  }
-  const int64_t group = Hq / Hkv;
-
   PreparedAttention prep;
-  prep.query = with_unit_last_stride(query_in);
-  prep.key = with_unit_last_stride(key_in);
-  prep.value = with_unit_last_stride(value_in);
+  prep.lead = broadcast_leading_dims(query_in, key_in, value_in);
+  const LeadingDims& lead = prep.lead;
+  const GridBinder binder(lead);
+  prep.empty_qk_dim = E == 0;
+  prep.empty_v_dim = Ev == 0;
+  // An empty head dim is one zero column: all-zero scores (a softmax over the masks alone), or an output
+  // of one zero column whose LSE is still that of the scores.
+  prep.query = prep.empty_qk_dim ? zero_column(query_in, L) : with_unit_last_stride(query_in);
+  prep.key = prep.empty_qk_dim ? zero_column(key_in, S) : with_unit_last_stride(key_in);
+  prep.value = prep.empty_v_dim ? zero_column(value_in, S) : with_unit_last_stride(value_in);
 
-  // Leading dims of the query (everything before L, E); the head dim, if any, is last.
-  const auto q_lead = query_in.sizes().slice(0, rank - 2);
-  std::vector<int64_t> scores_shape(q_lead.begin(), q_lead.end());
-  scores_shape.push_back(L);
-  scores_shape.push_back(S);
-  prep.scores_shape = scores_shape;
-  prep.lse_shape.assign(q_lead.begin(), q_lead.end());
-  prep.lse_shape.push_back(L);
-  prep.out_shape = prep.lse_shape;
-  prep.out_shape.push_back(Ev);
+  const int64_t kernel_E = std::max<int64_t>(E, 1), kernel_Ev = std::max<int64_t>(Ev, 1);
+  prep.lse_shape = with_tail(lead.sizes, {L});
+  prep.out_shape = with_tail(lead.sizes, {L, Ev});
+  prep.scores_shape = with_tail(lead.sizes, {L, S});
+  std::vector<int64_t> kv_lead = lead.sizes;
+  if (lead.has_heads) kv_lead.back() = lead.kv_heads;
+  prep.grad_key_shape = with_tail(kv_lead, {S, kernel_E});
+  prep.grad_value_shape = with_tail(kv_lead, {S, kernel_Ev});
 
-  const GridBuilder builder(query_in.sizes(), group);
   AttentionParams& p = prep.params;
-  p.grid = builder.grid(query_in.sizes());
+  p.grid = binder.grid(query_in.sizes());
   p.L = L;
   p.S = S;
-  p.E = E;
-  p.Ev = Ev;
-  p.scale = scale;
-  p.is_causal = is_causal;
-  auto bind = [&](const at::Tensor& t, bool is_kv, Operand& op) { op = builder.bind(t, is_kv); };
-  bind(prep.query, false, p.query);
-  bind(prep.key, true, p.key);
-  bind(prep.value, true, p.value);
+  p.E = kernel_E;
+  p.Ev = kernel_Ev;
+  p.scale = prep.empty_qk_dim ? 1.0 : scale;
+  p.causal = causal_rule(causal, L, S);
+  p.query = binder.bind(prep.query, false);
+  p.key = binder.bind(prep.key, false);
+  p.value = binder.bind(prep.value, false);
 
-  // Masks are expanded (stride 0, no copy) to the scores' shape and bound like the query.
+  // Masks are bound with stride 0 along the dims they broadcast over: never expanded in memory.
   auto bind_mask = [&](const at::Tensor& m, const char* name, Operand& op) {
     check_same_device(query_in, m, name);
+    const auto& scores_shape = prep.scores_shape;
     TORCH_CHECK_VALUE(m.dim() <= static_cast<int64_t>(scores_shape.size()), "mha_ext: ", name, " of shape ",
                       shape_str(m.sizes()), " is not broadcastable to the attention scores' shape ",
                       shape_str(scores_shape), ": it has more dims");
@@ -182,12 +245,10 @@ PreparedAttention prepare_attention(const at::Tensor& query_in, const at::Tensor
     for (int64_t d = 0; d < m.dim(); ++d) {
       TORCH_CHECK_VALUE(m.size(d) == 1 || m.size(d) == scores_shape[offset + d], "mha_ext: ", name,
                         " of shape ", shape_str(m.sizes()), " is not broadcastable to the attention scores' shape ",
-                        shape_str(scores_shape), " (..., Hq, L, S): dim ", d, " is ", m.size(d), ", expected 1 or ",
+                        shape_str(scores_shape), " (..., H, L, S): dim ", d, " is ", m.size(d), ", expected 1 or ",
                         scores_shape[offset + d]);
     }
-    at::Tensor expanded = m.expand(scores_shape);
-    prep.alive.push_back(expanded);
-    bind(expanded, false, op);
+    op = binder.bind(m, true);
   };
   auto additive_type = [&](const at::Tensor& m, const char* name) {
     TORCH_CHECK_TYPE(m.scalar_type() == query_in.scalar_type() || m.scalar_type() == at::kFloat, "mha_ext: ", name,
@@ -229,23 +290,19 @@ DropoutRule dropout_rule(double dropout_p, const std::optional<at::Tensor>& rng_
   return make_dropout_rule(dropout_p, static_cast<uint64_t>(values[0]), static_cast<uint64_t>(values[1]));
 }
 
-Operand query_like_operand(const PreparedAttention& prep, const at::Tensor& tensor, const char* name, int64_t cols,
-                           at::Tensor& keep_alive) {
-  std::vector<int64_t> expected(prep.lse_shape);
-  expected.push_back(cols);
-  TORCH_CHECK_VALUE(tensor.sizes() == at::IntArrayRef(expected), "mha_ext: ", name, " must have shape ",
-                    shape_str(expected), ", got ", shape_str(tensor.sizes()));
+Operand output_like_operand(const PreparedAttention& prep, const at::Tensor& tensor, const char* name,
+                            at::Tensor& keep_alive) {
+  TORCH_CHECK_VALUE(tensor.sizes() == at::IntArrayRef(prep.out_shape), "mha_ext: ", name, " must have shape ",
+                    shape_str(prep.out_shape), ", got ", shape_str(tensor.sizes()));
   TORCH_CHECK_TYPE(tensor.scalar_type() == prep.query.scalar_type(), "mha_ext: ", name, " must have the query's dtype ",
                    prep.query.scalar_type(), ", got ", tensor.scalar_type());
   check_same_device(prep.query, tensor, name);
-  keep_alive = with_unit_last_stride(tensor);
-  return GridBuilder(prep.query.sizes(), prep.params.grid.group).bind(keep_alive, false);
+  keep_alive = prep.empty_v_dim ? zero_column(tensor, prep.params.L) : with_unit_last_stride(tensor);
+  return GridBinder(prep.lead).bind(keep_alive, false);
 }
 
 Operand scores_operand(const PreparedAttention& prep, const at::Tensor& tensor) {
-  TORCH_CHECK(tensor.sizes() == at::IntArrayRef(prep.scores_shape), "mha_ext internal error: scores operand of shape ",
-              shape_str(tensor.sizes()), ", expected ", shape_str(prep.scores_shape));
-  return GridBuilder(prep.query.sizes(), prep.params.grid.group).bind(tensor, false);
+  return GridBinder(prep.lead).bind(tensor, true);
 }
 
 }  // namespace mha_ext

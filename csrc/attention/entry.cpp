@@ -1,7 +1,9 @@
 #include "attention/entry.h"
 
-#include <ATen/ATen.h>
 #include <ATen/ExpandUtils.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/ones.h>
+#include <ATen/ops/zeros.h>
 
 #include <algorithm>
 
@@ -26,6 +28,11 @@ at::Tensor reduce_to(const at::Tensor& grad_scores, const std::optional<at::Tens
   return at::sum_to(grad_scores, input->sizes()).to(input->scalar_type());
 }
 
+std::vector<int64_t> with_last(std::vector<int64_t> shape, int64_t last) {
+  shape.back() = last;
+  return shape;
+}
+
 // Sets to 1 the leading (batch, head) dims of `shape` (the scores') along which every tensor broadcasts.
 void shrink_to_broadcast_dims(std::vector<int64_t>& shape, const std::vector<at::Tensor>& tensors) {
   const int64_t rank = static_cast<int64_t>(shape.size());
@@ -45,32 +52,35 @@ at::ScalarType accumulation_dtype(at::ScalarType dtype) { return dtype == at::kD
 std::tuple<at::Tensor, at::Tensor> attention_forward(const at::Tensor& query, const at::Tensor& key,
                                                      const at::Tensor& value,
                                                      const std::optional<at::Tensor>& attn_mask,
-                                                     const std::optional<at::Tensor>& attn_bias, bool is_causal,
+                                                     const std::optional<at::Tensor>& attn_bias, c10::string_view causal,
                                                      double scale, double dropout_p,
                                                      const std::optional<at::Tensor>& rng_state, ForwardKernel kernel) {
-  PreparedAttention prep = prepare_attention(query, key, value, attn_mask, attn_bias, is_causal, scale);
+  PreparedAttention prep = prepare_attention(query, key, value, attn_mask, attn_bias, causal, scale);
   prep.params.dropout = dropout_rule(dropout_p, rng_state);
   at::Tensor out = at::empty(prep.out_shape, query.options());
   at::Tensor lse = at::empty(prep.lse_shape, query.options().dtype(accumulation_dtype(query.scalar_type())));
-  prep.params.out = out.data_ptr();
+  // With an empty value head dim the kernel still computes the LSE, next to one zero column of output.
+  at::Tensor kernel_out = prep.empty_v_dim ? at::empty(with_last(prep.out_shape, 1), query.options()) : out;
+  prep.params.out = kernel_out.data_ptr();
   prep.params.lse = lse.data_ptr();
-  if (out.numel() > 0) kernel(prep.params, query.scalar_type());
+  if (lse.numel() > 0) kernel(prep.params, query.scalar_type());
   return {out, lse};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward(
     const at::Tensor& grad_output, const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
     const std::optional<at::Tensor>& attn_mask, const std::optional<at::Tensor>& attn_bias,
-    const at::Tensor& output, const at::Tensor& lse, const std::optional<at::Tensor>& grad_lse, bool is_causal,
+    const at::Tensor& output, const at::Tensor& lse, const std::optional<at::Tensor>& grad_lse, c10::string_view causal,
     double scale, bool mask_requires_grad, bool bias_requires_grad, double dropout_p,
     const std::optional<at::Tensor>& rng_state, BackwardKernel kernel, GradScoresLayout grad_scores_layout,
     GradScoresZeros grad_scores_zeros) {
-  PreparedAttention prep = prepare_attention(query, key, value, attn_mask, attn_bias, is_causal, scale);
+  PreparedAttention prep = prepare_attention(query, key, value, attn_mask, attn_bias, causal, scale);
   prep.params.dropout = dropout_rule(dropout_p, rng_state);
   const at::ScalarType acc = accumulation_dtype(query.scalar_type());
   check_saved(output, "output", prep.out_shape, query.scalar_type(), query);
   check_saved(lse, "lse", prep.lse_shape, acc, query);
-  const at::Tensor out_c = output.contiguous();
+  const at::Tensor out_c = prep.empty_v_dim ? at::zeros(with_last(prep.out_shape, 1), output.options())
+                                            : output.contiguous();
   const at::Tensor lse_c = lse.contiguous();
 
   AttentionGradParams g;
@@ -84,13 +94,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention
     g.grad_lse = grad_lse_c.data_ptr();
   }
   at::Tensor grad_out_alive;
-  g.grad_out = query_like_operand(prep, grad_output, "grad_output", prep.params.Ev, grad_out_alive);
+  g.grad_out = output_like_operand(prep, grad_output, "grad_output", grad_out_alive);
 
+  // Gradients on the broadcast grid, summed to each input's shape below (a no-op where nothing broadcasts).
   std::vector<int64_t> grad_query_shape(prep.lse_shape);
   grad_query_shape.push_back(prep.params.E);
   at::Tensor grad_query = at::zeros(grad_query_shape, query.options().dtype(acc));
-  at::Tensor grad_key = at::empty(key.sizes(), key.options());
-  at::Tensor grad_value = at::empty(value.sizes(), value.options());
+  at::Tensor grad_key = at::empty(prep.grad_key_shape, key.options());
+  at::Tensor grad_value = at::empty(prep.grad_value_shape, value.options());
   at::Tensor grad_scores;
   if (mask_requires_grad || bias_requires_grad) {
     std::vector<int64_t> slab_shape = prep.scores_shape;
@@ -102,7 +113,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention
     }
     const at::TensorOptions options = query.options().dtype(acc);
     grad_scores = grad_scores_zeros != nullptr ? grad_scores_zeros(slab_shape, options) : at::zeros(slab_shape, options);
-    g.grad_scores = scores_operand(prep, grad_scores.expand(prep.scores_shape));
+    g.grad_scores = scores_operand(prep, grad_scores);
   }
   g.grad_query = grad_query.data_ptr();
   g.grad_key = grad_key.data_ptr();
@@ -111,16 +122,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention
 
   // Outputs must not alias each other: each absent gradient gets its own empty tensor.
   auto none = [&] { return at::empty({0}, query.options()); };
-  return {grad_query.to(query.scalar_type()), grad_key, grad_value,
+  // An empty head dim has empty gradients; the zero columns standing in for it get none.
+  auto summed_to = [](const at::Tensor& grad, const at::Tensor& input, bool empty_dim) {
+    return empty_dim ? at::zeros(input.sizes(), input.options()) : at::sum_to(grad, input.sizes()).to(input.scalar_type());
+  };
+  return {summed_to(grad_query, query, prep.empty_qk_dim), summed_to(grad_key, key, prep.empty_qk_dim),
+          summed_to(grad_value, value, prep.empty_v_dim),
           mask_requires_grad ? reduce_to(grad_scores, attn_mask, "attn_mask") : none(),
           bias_requires_grad ? reduce_to(grad_scores, attn_bias, "attn_bias") : none()};
 }
 
 at::Tensor attention_weights(const at::Tensor& query, const at::Tensor& key,
                              const std::optional<at::Tensor>& attn_mask, const std::optional<at::Tensor>& attn_bias,
-                             const at::Tensor& lse, bool is_causal, double scale, WeightsKernel kernel) {
+                             const at::Tensor& lse, c10::string_view causal, double scale, WeightsKernel kernel) {
   // The weights do not involve the values; the key stands in for them so the contract checks the rest.
-  PreparedAttention prep = prepare_attention(query, key, key, attn_mask, attn_bias, is_causal, scale);
+  PreparedAttention prep = prepare_attention(query, key, key, attn_mask, attn_bias, causal, scale);
   check_saved(lse, "lse", prep.lse_shape, accumulation_dtype(query.scalar_type()), query);
   const at::Tensor lse_c = lse.contiguous();
   prep.params.lse = const_cast<void*>(lse_c.data_ptr());
@@ -132,7 +148,7 @@ at::Tensor attention_weights(const at::Tensor& query, const at::Tensor& key,
 at::Tensor attention_dropout_mask(const at::Tensor& query, const at::Tensor& key, double dropout_p,
                                   const at::Tensor& rng_state, DropoutMaskKernel kernel) {
   // Only the shapes matter: the key stands in for the values.
-  PreparedAttention prep = prepare_attention(query, key, key, std::nullopt, std::nullopt, false, 1.0);
+  PreparedAttention prep = prepare_attention(query, key, key, std::nullopt, std::nullopt, "none", 1.0);
   prep.params.dropout = dropout_rule(dropout_p, rng_state);
   at::Tensor keep = at::ones(prep.scores_shape, query.options().dtype(at::kBool));
   if (prep.params.dropout.active && keep.numel() > 0) kernel(prep.params, keep.data_ptr<bool>());

@@ -3,7 +3,9 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <c10/util/string_view.h>
 
+#include <optional>
 #include <tuple>
 
 #include "attention/params.h"
@@ -30,7 +32,7 @@ at::ScalarType accumulation_dtype(at::ScalarType dtype);
 std::tuple<at::Tensor, at::Tensor> attention_forward(const at::Tensor& query, const at::Tensor& key,
                                                      const at::Tensor& value,
                                                      const std::optional<at::Tensor>& attn_mask,
-                                                     const std::optional<at::Tensor>& attn_bias, bool is_causal,
+                                                     const std::optional<at::Tensor>& attn_bias, c10::string_view causal,
                                                      double scale, double dropout_p,
                                                      const std::optional<at::Tensor>& rng_state, ForwardKernel kernel);
 
@@ -39,7 +41,7 @@ std::tuple<at::Tensor, at::Tensor> attention_forward(const at::Tensor& query, co
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward(
     const at::Tensor& grad_output, const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
     const std::optional<at::Tensor>& attn_mask, const std::optional<at::Tensor>& attn_bias,
-    const at::Tensor& output, const at::Tensor& lse, const std::optional<at::Tensor>& grad_lse, bool is_causal,
+    const at::Tensor& output, const at::Tensor& lse, const std::optional<at::Tensor>& grad_lse, c10::string_view causal,
     double scale, bool mask_requires_grad, bool bias_requires_grad, double dropout_p,
     const std::optional<at::Tensor>& rng_state, BackwardKernel kernel, GradScoresLayout grad_scores_layout,
     GradScoresZeros grad_scores_zeros = nullptr);
@@ -47,7 +49,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention
 // Softmax probabilities (..., Hq, L, S) recomputed from the saved LSE; rows with nothing to attend are 0.
 at::Tensor attention_weights(const at::Tensor& query, const at::Tensor& key,
                              const std::optional<at::Tensor>& attn_mask, const std::optional<at::Tensor>& attn_bias,
-                             const at::Tensor& lse, bool is_causal, double scale, WeightsKernel kernel);
+                             const at::Tensor& lse, c10::string_view causal, double scale, WeightsKernel kernel);
 
 // The dropout decisions a call with this dropout_p and rng_state makes: bool (..., Hq, L, S), True = kept.
 at::Tensor attention_dropout_mask(const at::Tensor& query, const at::Tensor& key, double dropout_p,

@@ -5,11 +5,9 @@
 // a work item: no atomics, no races, bitwise reproducible for any thread count.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
-#include <torch/library.h>
 
-#include "attention/entry.h"
 #include "cpu/dropout.h"
-#include "cpu/huge_pages.h"
+#include "cpu/kernels.h"
 #include "cpu/key_tiles.h"
 #include "cpu/vnni_tiles.h"
 
@@ -224,7 +222,7 @@ void backward_kernel(const AttentionGradParams& g) {
           const HeadView<scalar_t> head(p, n);
           const scalar_t* d_out = g.grad_out.ptr<scalar_t>(p.grid, n);
           acc_t* grad_scores = has_grad_scores ? g.template grad_scores_slab<acc_t>(n) : nullptr;
-          const int64_t q_start = p.is_causal ? (k0 / kBlockQ) * kBlockQ : 0;
+          const int64_t q_start = p.causal.first_query(k0) / kBlockQ * kBlockQ;
           for (int64_t q0 = q_start; q0 < L; q0 += kBlockQ) {
             const int64_t rows = std::min(kBlockQ, L - q0);
             if (head.active_columns(q0, rows, k0, cols).empty()) continue;
@@ -278,6 +276,8 @@ void backward_kernel(const AttentionGradParams& g) {
   }
 }
 
+}  // namespace
+
 void backward_cpu(const AttentionGradParams& g, at::ScalarType dtype) {
   // dP = dO V^T takes Ev as its inner dimension: it pairs up in VNNI layout only when even.
   if (dtype == at::kBFloat16 && g.fwd.Ev % 2 == 0 && use_vnni_tiles(g.fwd)) {
@@ -288,20 +288,4 @@ void backward_cpu(const AttentionGradParams& g, at::ScalarType dtype) {
                                   [&] { backward_kernel<scalar_t, FloatGradProducts<scalar_t>>(g); });
 }
 
-}  // namespace
-
 }  // namespace mha_ext::cpu
-
-TORCH_LIBRARY_IMPL(mha_ext, CPU, m) {
-  m.impl("attention_backward",
-         [](const at::Tensor& grad_output, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-            const std::optional<at::Tensor>& mask, const std::optional<at::Tensor>& bias, const at::Tensor& output,
-            const at::Tensor& lse, const std::optional<at::Tensor>& grad_lse, bool is_causal, double scale,
-            bool mask_requires_grad, bool bias_requires_grad, double dropout_p,
-            const std::optional<at::Tensor>& rng_state) {
-           return mha_ext::attention_backward(grad_output, q, k, v, mask, bias, output, lse, grad_lse, is_causal, scale,
-                                              mask_requires_grad, bias_requires_grad, dropout_p, rng_state,
-                                              mha_ext::cpu::backward_cpu, mha_ext::GradScoresLayout::kSharedWhereBroadcast,
-                                              mha_ext::cpu::zeros_on_huge_pages);
-         });
-}

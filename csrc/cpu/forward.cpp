@@ -2,10 +2,9 @@
 // tiles through an online softmax, so only O(tile) extra memory per thread is used, never O(L x S).
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
-#include <torch/library.h>
 
-#include "attention/entry.h"
 #include "cpu/dropout.h"
+#include "cpu/kernels.h"
 #include "cpu/key_tiles.h"
 #include "cpu/vnni_tiles.h"
 
@@ -105,7 +104,7 @@ class Bf16TileProducts {
       : probs_(tile_rows * kBlockK),
         tiles_(p, kBlockK),
         scale_(static_cast<float>(p.scale)),
-        has_masks_(p.is_causal || p.has_bool_mask || p.mask_add_type != AdditiveType::kNone ||
+        has_masks_(p.causal.active || p.has_bool_mask || p.mask_add_type != AdditiveType::kNone ||
                    p.bias_type != AdditiveType::kNone),
         scale_in_exp_(!has_masks_ && !p.dropout.active && scale_ > 0.f) {}
 
@@ -178,7 +177,7 @@ constexpr int64_t kWideTileHeadDim = 256;
 // (above), a work item takes 4 query tiles through each key tile in turn, reading them a quarter as often:
 // -4-9 % for E = 128 at S = 2048 and -6 % for E = 64 at S = 8192; each tile keeps its own causal span.
 QueryTiling choose_query_tiling(const AttentionParams& p, bool float_products, int64_t acc_bytes) {
-  if (float_products && !p.is_causal && std::max(p.E, p.Ev) >= kWideTileHeadDim) return {4 * kBlockQ, 1};
+  if (float_products && !p.causal.active && std::max(p.E, p.Ev) >= kWideTileHeadDim) return {4 * kBlockQ, 1};
   if (p.S > kBlockK && p.S * (p.E + p.Ev) * acc_bytes > kCachedKeyValueBytes) return {kBlockQ, 4};
   return {kBlockQ, 1};
 }
@@ -205,7 +204,7 @@ void forward_kernel(const AttentionParams& p) {
       std::fill(row_sum_buf.data(), row_sum_buf.data() + g_rows, acc_t(0));
       std::fill(acc.data(), acc.data() + g_rows * Ev, acc_t(0));
 
-      const int64_t k_end = p.is_causal ? std::min(S, g0 + g_rows) : S;
+      const int64_t k_end = p.causal.key_end(g0, g_rows, S);
       int64_t started_q0 = -1;  // the query tile the products hold: once per item without groups
       for (int64_t tile_k0 = 0; tile_k0 < k_end; tile_k0 += kBlockK) {
         for (int64_t q0 = g0; q0 < g0 + g_rows; q0 += tile_rows) {
@@ -249,15 +248,18 @@ void forward_kernel(const AttentionParams& p) {
       const acc_t* l = row_sum_buf.data();
       const acc_t* o = acc.data();
       for (int64_t i = 0; i < g_rows; ++i) {
-        // A row with nothing to attend to has l == 0: its output is 0 and its LSE -inf.
-        const acc_t inv = l[i] > acc_t(0) ? acc_t(1) / l[i] : acc_t(0);
+        // A row with nothing to attend to has l == 0: its output is 0 and its LSE -inf. A NaN l (an inf or
+        // NaN among the scores) stays NaN in both, as torch's does.
+        const acc_t inv = l[i] == acc_t(0) ? acc_t(0) : acc_t(1) / l[i];
         for (int64_t e = 0; e < Ev; ++e) out[i * Ev + e] = static_cast<scalar_t>(o[i * Ev + e] * inv);
-        lse[i] = l[i] > acc_t(0) ? m[i] + std::log(l[i]) : kNegInf<acc_t>;
+        lse[i] = l[i] == acc_t(0) ? kNegInf<acc_t> : m[i] + std::log(l[i]);
       }
     }
     products.finish();
   });
 }
+
+}  // namespace
 
 void forward_cpu(const AttentionParams& p, at::ScalarType dtype) {
   // Decode-sized queries (fewer than kBlasMinRows rows) stream K and V once instead of packing them.
@@ -269,16 +271,4 @@ void forward_cpu(const AttentionParams& p, at::ScalarType dtype) {
                                   [&] { forward_kernel<scalar_t, FloatTileProducts<scalar_t>>(p); });
 }
 
-}  // namespace
-
 }  // namespace mha_ext::cpu
-
-TORCH_LIBRARY_IMPL(mha_ext, CPU, m) {
-  m.impl("attention_forward", [](const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                 const std::optional<at::Tensor>& mask, const std::optional<at::Tensor>& bias,
-                                 bool is_causal, double scale, double dropout_p,
-                                 const std::optional<at::Tensor>& rng_state) {
-    return mha_ext::attention_forward(q, k, v, mask, bias, is_causal, scale, dropout_p, rng_state,
-                                      mha_ext::cpu::forward_cpu);
-  });
-}

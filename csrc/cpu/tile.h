@@ -2,7 +2,8 @@
 // score tiles with their masks applied, and the tiling constants.
 #pragma once
 
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 
@@ -180,7 +181,7 @@ struct HeadView : HeadPointers<scalar_t> {
   // that span, and skip the tile when it is empty (padding, block-diagonal packing, causal corners).
   ColumnSpan active_columns(int64_t q0, int64_t rows, int64_t k0, int64_t cols) const {
     ColumnSpan span{0, cols};
-    if (p.is_causal) span.end = std::clamp<int64_t>(q0 + rows - k0, 0, cols);
+    if (p.causal.active) span.end = std::clamp<int64_t>(p.causal.key_end(q0, rows, p.S) - k0, 0, cols);
     if (bool_mask == nullptr || span.empty()) return span;
     int64_t first = span.begin;
     while (first < span.end && !chunk_has_work(q0, rows, k0 + first, std::min(kSpanChunk, span.end - first)))
@@ -217,7 +218,7 @@ struct HeadView : HeadPointers<scalar_t> {
     if constexpr (!std::is_same_v<scalar_t, float> && !std::is_same_v<scalar_t, c10::BFloat16>) {
       return false;
     } else {
-      if (p.is_causal || bool_mask != nullptr || (mask_add != nullptr) == (bias != nullptr)) return false;
+      if (p.causal.active || bool_mask != nullptr || (mask_add != nullptr) == (bias != nullptr)) return false;
       return (mask_add != nullptr ? p.mask_add : p.bias).col_stride == 1;
     }
   }
@@ -260,8 +261,8 @@ struct HeadView : HeadPointers<scalar_t> {
             if (!m[j * p.bool_mask.col_stride]) s[j] = kNegInf<acc_t>;
         }
       }
-      if (p.is_causal) {
-        for (int64_t j = std::max<int64_t>(row + 1 - k0, 0); j < cols; ++j) s[j] = kNegInf<acc_t>;
+      if (p.causal.active) {
+        for (int64_t j = std::max<int64_t>(row + 1 + p.causal.offset - k0, 0); j < cols; ++j) s[j] = kNegInf<acc_t>;
       }
     }
   }

@@ -2,9 +2,8 @@
 // need the weights, e.g. nn.MultiheadAttention's need_weights=True).
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
-#include <torch/library.h>
 
-#include "attention/entry.h"
+#include "cpu/kernels.h"
 #include "cpu/key_tiles.h"
 
 namespace mha_ext::cpu {
@@ -48,19 +47,11 @@ void weights_kernel(const AttentionParams& p, scalar_t* weights) {
   });
 }
 
+}  // namespace
+
 void weights_cpu(const AttentionParams& p, at::ScalarType dtype, void* weights) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dtype, "mha_ext_attention_weights_cpu",
                                   [&] { weights_kernel<scalar_t>(p, static_cast<scalar_t*>(weights)); });
 }
 
-}  // namespace
-
 }  // namespace mha_ext::cpu
-
-TORCH_LIBRARY_IMPL(mha_ext, CPU, m) {
-  m.impl("attention_weights", [](const at::Tensor& q, const at::Tensor& k, const std::optional<at::Tensor>& mask,
-                                 const std::optional<at::Tensor>& bias, const at::Tensor& lse, bool is_causal,
-                                 double scale) {
-    return mha_ext::attention_weights(q, k, mask, bias, lse, is_causal, scale, mha_ext::cpu::weights_cpu);
-  });
-}

@@ -99,12 +99,13 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(const __grid_constant
     scalar_t* out = static_cast<scalar_t*>(p.out) + (n * p.L + q0) * p.Ev;
     for (int idx = threadIdx.x; idx < rows * Ev; idx += kThreads) {
       const int i = idx / Ev, e = idx % Ev;
-      const acc_t inv = row_sum[i] > acc_t(0) ? acc_t(1) / row_sum[i] : acc_t(0);
+      // Nothing attended (sum 0): output 0, LSE -inf; a NaN sum (inf or NaN scores) stays NaN, as torch's.
+      const acc_t inv = row_sum[i] == acc_t(0) ? acc_t(0) : acc_t(1) / row_sum[i];
       out[int64_t(i) * Ev + e] = static_cast<scalar_t>(out_acc[i * ld_v + e] * inv);
     }
     acc_t* lse = static_cast<acc_t*>(p.lse) + n * p.L + q0;
     for (int i = threadIdx.x; i < rows; i += kThreads)
-      lse[i] = row_sum[i] > acc_t(0) ? row_max[i] + log_acc(row_sum[i]) : neg_inf<acc_t>();
+      lse[i] = row_sum[i] == acc_t(0) ? neg_inf<acc_t>() : row_max[i] + log_acc(row_sum[i]);
   }
 }
 

@@ -134,12 +134,13 @@ __global__ void __launch_bounds__(kThreads) forward_tensor_core_kernel(const __g
     scalar_t* out = static_cast<scalar_t*>(p.out) + (n * p.L + q0) * p.Ev;
     for (int idx = threadIdx.x; idx < rows * Ev; idx += kThreads) {
       const int i = idx / Ev, e = idx % Ev;
-      const float inv = row_sum[i] > 0.f ? keep_scale / row_sum[i] : 0.f;
+      // Nothing attended (sum 0): output 0, LSE -inf; a NaN sum (inf or NaN scores) stays NaN, as torch's.
+      const float inv = row_sum[i] == 0.f ? 0.f : keep_scale / row_sum[i];
       out[int64_t(i) * Ev + e] = static_cast<scalar_t>(out_acc[i * ld_o + e] * inv);
     }
     float* lse = static_cast<float*>(p.lse) + n * p.L + q0;
     for (int i = threadIdx.x; i < rows; i += kThreads)
-      lse[i] = row_sum[i] > 0.f ? row_max[i] + log_acc(row_sum[i]) : neg_inf<float>();
+      lse[i] = row_sum[i] == 0.f ? neg_inf<float>() : row_max[i] + log_acc(row_sum[i]);
   }
 #endif
 }

@@ -29,32 +29,32 @@ TORCH_LIBRARY_IMPL(mha_ext, CUDA, m) {
   using namespace mha_ext::cuda;
   m.impl("attention_forward", [](const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                  const std::optional<at::Tensor>& mask, const std::optional<at::Tensor>& bias,
-                                 bool is_causal, double scale, double dropout_p,
+                                 c10::string_view causal, double scale, double dropout_p,
                                  const std::optional<at::Tensor>& rng_state) {
     check_head_dim(q, "query's head dim E");
     check_head_dim(v, "value's head dim Ev");
     const c10::cuda::OptionalCUDAGuard guard(cuda_device_of(q));
-    return mha_ext::attention_forward(q, k, v, mask, bias, is_causal, scale, dropout_p, rng_state, dispatch_forward);
+    return mha_ext::attention_forward(q, k, v, mask, bias, causal, scale, dropout_p, rng_state, dispatch_forward);
   });
   m.impl("attention_backward",
          [](const at::Tensor& grad_output, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
             const std::optional<at::Tensor>& mask, const std::optional<at::Tensor>& bias, const at::Tensor& output,
-            const at::Tensor& lse, const std::optional<at::Tensor>& grad_lse, bool is_causal, double scale,
+            const at::Tensor& lse, const std::optional<at::Tensor>& grad_lse, c10::string_view causal, double scale,
             bool mask_requires_grad, bool bias_requires_grad, double dropout_p,
             const std::optional<at::Tensor>& rng_state) {
            check_head_dim(q, "query's head dim E");
            check_head_dim(v, "value's head dim Ev");
            const c10::cuda::OptionalCUDAGuard guard(cuda_device_of(q));
-           return mha_ext::attention_backward(grad_output, q, k, v, mask, bias, output, lse, grad_lse, is_causal,
+           return mha_ext::attention_backward(grad_output, q, k, v, mask, bias, output, lse, grad_lse, causal,
                                               scale, mask_requires_grad, bias_requires_grad, dropout_p, rng_state,
                                               dispatch_backward, mha_ext::GradScoresLayout::kPerBatchHead);
          });
   m.impl("attention_weights", [](const at::Tensor& q, const at::Tensor& k, const std::optional<at::Tensor>& mask,
-                                 const std::optional<at::Tensor>& bias, const at::Tensor& lse, bool is_causal,
+                                 const std::optional<at::Tensor>& bias, const at::Tensor& lse, c10::string_view causal,
                                  double scale) {
     check_head_dim(q, "query's head dim E");
     const c10::cuda::OptionalCUDAGuard guard(cuda_device_of(q));
-    return mha_ext::attention_weights(q, k, mask, bias, lse, is_causal, scale, dispatch_weights);
+    return mha_ext::attention_weights(q, k, mask, bias, lse, causal, scale, dispatch_weights);
   });
   m.impl("attention_dropout_mask",
          [](const at::Tensor& q, const at::Tensor& k, double dropout_p, const at::Tensor& rng_state) {

@@ -141,7 +141,7 @@ struct HeadView : HeadPointers<scalar_t> {
   // Block-wide, called by every thread: false when causality or the bool mask leaves every (query, key)
   // pair of rows [q0, q0 + rows) x keys [k0, k0 + cols) out, so the tile can be skipped.
   __device__ bool tile_has_work(int64_t q0, int rows, int64_t k0, int cols) const {
-    if (p.is_causal && k0 > q0 + rows - 1) return false;
+    if (k0 >= p.causal.key_end(q0, rows, p.S)) return false;
     if (bool_mask == nullptr) return true;
     const Operand& m = p.bool_mask;
     // A mask broadcast along rows or columns needs only one of them read.
@@ -160,7 +160,7 @@ struct HeadView : HeadPointers<scalar_t> {
   __device__ acc_t score(int64_t i, int64_t j, acc_t dot_qk) const {
     if (bool_mask != nullptr && !bool_mask[i * p.bool_mask.row_stride + j * p.bool_mask.col_stride])
       return neg_inf<acc_t>();
-    if (p.is_causal && j > i) return neg_inf<acc_t>();
+    if (p.causal.excludes(i, j)) return neg_inf<acc_t>();
     acc_t s = static_cast<acc_t>(p.scale) * dot_qk;
     s += additive(p.mask_add_type, mask_add, p.mask_add, i, j);
     s += additive(p.bias_type, bias, p.bias, i, j);
@@ -186,7 +186,7 @@ struct HeadView : HeadPointers<scalar_t> {
 // HeadView::tile_has_work skips the rest.
 template <int kBlockK, typename scalar_t, typename Visit>
 __device__ __forceinline__ void for_each_key_tile(const HeadView<scalar_t>& head, int64_t q0, int rows, Visit&& visit) {
-  const int64_t k_end = head.p.is_causal ? std::min<int64_t>(head.p.S, q0 + rows) : head.p.S;
+  const int64_t k_end = head.p.causal.key_end(q0, rows, head.p.S);
   for (int64_t k0 = 0; k0 < k_end; k0 += kBlockK) {
     const int cols = static_cast<int>(std::min<int64_t>(kBlockK, k_end - k0));
     if (head.tile_has_work(q0, rows, k0, cols)) visit(k0, cols);
@@ -200,8 +200,8 @@ __device__ __forceinline__ void for_each_query_tile(const AttentionParams& p, in
                                                     Visit&& visit) {
   for (int64_t n = m * p.grid.group; n < (m + 1) * p.grid.group; ++n) {
     const HeadView<scalar_t> head(p, n);
-    // Under causality, query rows before k0 attend none of these keys.
-    const int64_t q_start = p.is_causal ? (k0 / kBlockQ) * kBlockQ : 0;
+    // Under causality, query rows before the first that sees key k0 attend none of these keys.
+    const int64_t q_start = p.causal.first_query(k0) / kBlockQ * kBlockQ;
     for (int64_t q0 = q_start; q0 < p.L; q0 += kBlockQ) {
       const int rows = static_cast<int>(std::min<int64_t>(kBlockQ, p.L - q0));
       if (head.tile_has_work(q0, rows, k0, cols)) visit(n, head, q0, rows);

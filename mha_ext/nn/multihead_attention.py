@@ -6,9 +6,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-import mha_ext
-from mha_ext import masks
-from mha_ext._checks import require_tensor
+from .. import masks
+from .._checks import require_tensor
+from ..errors import AttentionTypeError, AttentionValueError, LayerTypeError, LayerValueError
+from ..functional import attention_weights, scaled_dot_product_attention
 
 __all__ = ["MultiheadAttention"]
 
@@ -21,6 +22,13 @@ def _keep_torch_fast_paths_off(module, args):
     presence is what keeps mha_ext's kernels on that path.
     """
     return None
+
+
+def _linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """F.linear with the bias added in the weight's dtype: torch's layer runs a bias of another dtype
+    (e.g. a float16 in_proj_bias on float64 inputs) on its matmul-then-add path, where F.linear's fused
+    one would refuse it."""
+    return F.linear(x, weight, None if bias is None else bias.to(weight.dtype))
 
 
 class MultiheadAttention(torch.nn.MultiheadAttention):
@@ -100,9 +108,20 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
         are ``(N, L, S)`` averaged or ``(N, num_heads, L, S)`` per head, ``None`` when
         ``need_weights=False``.
         """
+        # torch's layer raises AssertionError (and RuntimeError) for bad input: mha_ext's errors are those too.
+        try:
+            return self._attention(query, key, value, key_padding_mask, need_weights, attn_mask,
+                                   average_attn_weights, is_causal)
+        except AttentionTypeError as error:
+            raise LayerTypeError(str(error)) from None
+        except AttentionValueError as error:
+            raise LayerValueError(str(error)) from None
+
+    def _attention(self, query, key, value, key_padding_mask, need_weights, attn_mask, average_attn_weights,
+                   is_causal):
         is_batched = self._check_inputs(query, key, value, key_padding_mask, attn_mask)
         if is_causal and attn_mask is None:
-            raise RuntimeError(
+            raise LayerValueError(
                 "is_causal=True needs attn_mask (the causal mask it hints at), like torch.nn.MultiheadAttention; "
                 "use torch.nn.Transformer.generate_square_subsequent_mask to build it"
             )
@@ -136,7 +155,7 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
             None if use_causal else attn_mask, key_padding_mask, extra_keys, q.dtype
         )
 
-        result = mha_ext.scaled_dot_product_attention(
+        result = scaled_dot_product_attention(
             q,
             k,
             v,
@@ -150,11 +169,11 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
 
         # (N, H, L, D) -> (N, L, E) or (L, N, E), then the output projection.
         out = out.permute(0, 2, 1, 3) if batch_first else out.permute(2, 0, 1, 3)
-        out = F.linear(out.flatten(-2), self.out_proj.weight, self.out_proj.bias)
+        out = _linear(out.flatten(-2), self.out_proj.weight, self.out_proj.bias)
 
         weights = None
         if need_weights:
-            weights = mha_ext.attention_weights(q, k, attn_mask=op_mask, attn_bias=op_bias, lse=lse)
+            weights = attention_weights(q, k, attn_mask=op_mask, attn_bias=op_bias, lse=lse)
             if average_attn_weights:
                 weights = weights.mean(dim=1)
         if not is_batched:
@@ -188,7 +207,7 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
         )
 
     def _split_heads(self, x, weight, bias, count, batch_first):
-        projected = F.linear(x, weight, bias).unflatten(-1, (count, self.num_heads, self.head_dim))
+        projected = _linear(x, weight, bias).unflatten(-1, (count, self.num_heads, self.head_dim))
         # (N, L, count, H, D) or (L, N, count, H, D) -> count x (N, H, L, D)
         order = (2, 0, 3, 1, 4) if batch_first else (2, 1, 3, 0, 4)
         return projected.permute(order).unbind(0)
@@ -226,28 +245,28 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
         for name, x in (("query", query), ("key", key), ("value", value)):
             require_tensor(name, x)
             if x.is_nested:
-                raise ValueError(
+                raise LayerValueError(
                     f"{name} is a nested tensor, which mha_ext.nn.MultiheadAttention does not support; pass a "
                     "padded tensor with key_padding_mask (inside nn.TransformerEncoder, build it with "
                     "enable_nested_tensor=False or call mha_ext.nn.replace_attention on the model)"
                 )
         if query.dim() not in (2, 3):
-            raise ValueError(
+            raise LayerValueError(
                 f"query must be 3-D (batched) or 2-D (unbatched), got shape {tuple(query.shape)}"
             )
         is_batched = query.dim() == 3
         for name, x in (("key", key), ("value", value)):
             if x.dim() != query.dim():
-                raise ValueError(
+                raise LayerValueError(
                     f"{name} must be {query.dim()}-D like query, got shape {tuple(x.shape)}"
                 )
         for name, x, dim in (("query", query, self.embed_dim), ("key", key, self.kdim), ("value", value, self.vdim)):
             if x.shape[-1] != dim:
                 expected = "embed_dim" if name == "query" else name[0] + "dim"
-                raise ValueError(f"{name} must have {dim} features ({expected}), got shape {tuple(x.shape)}")
+                raise LayerValueError(f"{name} must have {dim} features ({expected}), got shape {tuple(x.shape)}")
         seq_dim = 1 if self.batch_first and is_batched else 0
         if key.shape[seq_dim] != value.shape[seq_dim]:
-            raise ValueError(
+            raise LayerValueError(
                 "key and value must have the same sequence length, "
                 f"got shapes {tuple(key.shape)} and {tuple(value.shape)}"
             )
@@ -258,19 +277,19 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
             batch = query.shape[batch_dim]
             for name, x in (("key", key), ("value", value)):
                 if x.shape[batch_dim] != batch:
-                    raise ValueError(
+                    raise LayerValueError(
                         f"{name} must have query's batch size {batch} in dim {batch_dim}, got shape {tuple(x.shape)}"
                     )
         if key_padding_mask is not None:
             expected = (batch, S) if is_batched else (S,)
             if tuple(key_padding_mask.shape) != expected:
-                raise ValueError(
+                raise LayerValueError(
                     f"key_padding_mask must have shape {expected} (N, S), got {tuple(key_padding_mask.shape)}"
                 )
         if attn_mask is not None:
             expected_3d = ((batch if is_batched else 1) * self.num_heads, L, S)
             if tuple(attn_mask.shape) not in ((L, S), expected_3d):
-                raise ValueError(
+                raise LayerValueError(
                     f"attn_mask must have shape {(L, S)} (L, S) or {expected_3d} (N * num_heads, L, S), "
                     f"got {tuple(attn_mask.shape)}"
                 )

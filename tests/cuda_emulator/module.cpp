@@ -85,29 +85,29 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   // py::arg defaults: the schemas' defaults, which the dispatcher does not fill in for a Python kernel.
   m.def("attention_forward", [](const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                 const std::optional<at::Tensor>& mask, const std::optional<at::Tensor>& bias,
-                                bool is_causal, double scale, double dropout_p,
+                                c10::string_view causal, double scale, double dropout_p,
                                 const std::optional<at::Tensor>& rng_state) {
-    return mha_ext::attention_forward(q, k, v, mask, bias, is_causal, scale, dropout_p, rng_state, dispatch_forward);
+    return mha_ext::attention_forward(q, k, v, mask, bias, causal, scale, dropout_p, rng_state, dispatch_forward);
   }, py::arg("query"), py::arg("key"), py::arg("value"), py::arg("attn_mask"), py::arg("attn_bias"),
-        py::arg("is_causal"), py::arg("scale"), py::arg("dropout_p") = 0.0, py::arg("rng_state") = py::none());
+        py::arg("causal"), py::arg("scale"), py::arg("dropout_p") = 0.0, py::arg("rng_state") = py::none());
   m.def("attention_backward",
         [](const at::Tensor& grad_output, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
            const std::optional<at::Tensor>& mask, const std::optional<at::Tensor>& bias, const at::Tensor& output,
-           const at::Tensor& lse, const std::optional<at::Tensor>& grad_lse, bool is_causal, double scale,
+           const at::Tensor& lse, const std::optional<at::Tensor>& grad_lse, c10::string_view causal, double scale,
            bool mask_requires_grad, bool bias_requires_grad, double dropout_p,
            const std::optional<at::Tensor>& rng_state) {
-          return mha_ext::attention_backward(grad_output, q, k, v, mask, bias, output, lse, grad_lse, is_causal, scale,
+          return mha_ext::attention_backward(grad_output, q, k, v, mask, bias, output, lse, grad_lse, causal, scale,
                                              mask_requires_grad, bias_requires_grad, dropout_p, rng_state,
                                              dispatch_backward, mha_ext::GradScoresLayout::kPerBatchHead);
         },
         py::arg("grad_output"), py::arg("query"), py::arg("key"), py::arg("value"), py::arg("attn_mask"),
-        py::arg("attn_bias"), py::arg("output"), py::arg("lse"), py::arg("grad_lse"), py::arg("is_causal"),
+        py::arg("attn_bias"), py::arg("output"), py::arg("lse"), py::arg("grad_lse"), py::arg("causal"),
         py::arg("scale"), py::arg("mask_requires_grad"), py::arg("bias_requires_grad"), py::arg("dropout_p") = 0.0,
         py::arg("rng_state") = py::none());
   m.def("attention_weights", [](const at::Tensor& q, const at::Tensor& k, const std::optional<at::Tensor>& mask,
-                                const std::optional<at::Tensor>& bias, const at::Tensor& lse, bool is_causal,
+                                const std::optional<at::Tensor>& bias, const at::Tensor& lse, c10::string_view causal,
                                 double scale) {
-    return mha_ext::attention_weights(q, k, mask, bias, lse, is_causal, scale, dispatch_weights);
+    return mha_ext::attention_weights(q, k, mask, bias, lse, causal, scale, dispatch_weights);
   });
   m.def("attention_dropout_mask", [](const at::Tensor& q, const at::Tensor& k, double dropout_p,
                                      const at::Tensor& rng_state) {
