@@ -8,7 +8,7 @@
 # build tools and requirements-test.txt, and mha_ext installed editable with --no-build-isolation (so it
 # compiles against that torch). The packages are installed again only when TORCH_SPEC or a requirements
 # file changed; the extension is rebuilt by ninja in build/, which recompiles only the sources that changed
-# (the first build takes 2-3 minutes on 2 cores, a rebuild with nothing changed a few seconds).
+# (the first build takes about 1.5 minutes on 2 cores, a rebuild with nothing changed a few seconds).
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -43,7 +43,7 @@ show_progress() {
 build() {
   mkdir -p build
   local stamp="$VENV/.mha_ext_editable" status
-  echo "dev.sh: building mha_ext (ninja recompiles only what changed; the first build takes 2-3 minutes on 2 cores)"
+  echo "dev.sh: building mha_ext (ninja recompiles only what changed; the first build takes about 1.5 minutes on 2 cores)"
   set +e
   if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$(sha256sum setup.py)" ]; then
     # Installed editable already: rebuilding the extension in place is all that is needed.

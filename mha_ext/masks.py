@@ -50,18 +50,23 @@ def _check_bool_or_float(name: str, mask: Tensor) -> None:
         raise AttentionTypeError(f"{name} must be a bool or floating tensor, got dtype {mask.dtype}")
 
 
-def causal(L: int, S: int | None = None, *, device=None) -> Tensor:
+def causal(L: int, S: int | None = None, *, alignment: str = "upper_left", device=None) -> Tensor:
     """Causal mask, bool ``(L, S)``, mha_ext convention (``True`` = attend).
 
-    Query ``i`` attends key ``j`` iff ``j <= i`` (top-left aligned, exactly what ``is_causal=True``
-    does). Passing ``is_causal=True`` to the op is cheaper (nothing is materialised); use this mask
+    ``alignment="upper_left"``: query ``i`` attends key ``j`` iff ``j <= i`` (what ``is_causal=True``
+    does, torch's ``causal_upper_left``); ``"lower_right"``: iff ``j <= i + S - L``, so the last query
+    attends every key (``is_causal="lower_right"``, torch's ``causal_lower_right``). Passing
+    ``is_causal`` to the op is cheaper (nothing is materialised, masked tiles are skipped); use this mask
     when it must be combined with others by hand. ``S`` defaults to ``L``.
     """
     S = L if S is None else S
     for name, n in (("L", L), ("S", S)):
         if not isinstance(n, int) or isinstance(n, bool) or n < 0:
             raise AttentionValueError(f"{name} must be a non-negative int, got {n!r}")
-    return torch.ones(L, S, dtype=torch.bool, device=device).tril()
+    if alignment not in ("upper_left", "lower_right"):
+        raise AttentionValueError(f"alignment must be 'upper_left' or 'lower_right', got {alignment!r}")
+    diagonal = S - L if alignment == "lower_right" else 0
+    return torch.ones(L, S, dtype=torch.bool, device=device).tril(diagonal)
 
 
 def key_padding_from_lengths(lengths: Tensor, max_len: int | None = None) -> Tensor:

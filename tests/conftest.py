@@ -41,17 +41,29 @@ DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not cuda_ready()
 # The reference avoids torch.exp and torch.logsumexp: on this project's Sapphire Rapids CPUs, torch 2.13's
 # float64 exp (MKL's vector math, which logsumexp uses too) is off by ~3e-9 relative in about one process in
 # four, far outside float64's tolerance; torch.softmax and torch.pow(e, x) are exact there.
+def causal_allowed(L, S, is_causal, device=None):
+    """The (L, S) bool mask of the pairs causality allows, True = attend: j <= i for True / "upper_left",
+    j <= i + S - L for "lower_right"."""
+    diagonal = S - L if is_causal == "lower_right" else 0
+    return torch.ones(L, S, dtype=torch.bool, device=device).tril(diagonal)
+
+
 def reference_attention(query, key, value, attn_mask=None, attn_bias=None, is_causal=False, scale=None,
                         return_lse=False):
     """Unfused attention in float64, written from the definition: what mha_ext must compute.
 
-    Bool mask True = attend; floating masks and bias are added; rows with nothing to attend give 0.
+    Bool mask True = attend; floating masks and bias are added; is_causal True / "upper_left" /
+    "lower_right"; leading dims broadcast as in torch (a key/value head count dividing the query's is
+    grouped-query attention); rows with nothing to attend give 0.
     """
     q, k, v = query.double(), key.double(), value.double()
-    if q.dim() >= 3 and q.size(-3) != k.size(-3):
-        group = q.size(-3) // k.size(-3)
-        k = k.repeat_interleave(group, dim=-3)
-        v = v.repeat_interleave(group, dim=-3)
+
+    def repeat_heads(t):  # grouped-query attention; one head broadcasts by itself
+        if q.dim() >= 3 and t.dim() >= 3 and 1 < t.size(-3) < q.size(-3):
+            return t.repeat_interleave(q.size(-3) // t.size(-3), dim=-3)
+        return t
+
+    k, v = repeat_heads(k), repeat_heads(v)
     scale = 1.0 / math.sqrt(q.size(-1)) if scale is None else scale
     scores = q @ k.transpose(-1, -2) * scale
     if attn_bias is not None:
@@ -63,9 +75,8 @@ def reference_attention(query, key, value, attn_mask=None, attn_bias=None, is_ca
             scores = scores + attn_mask.double()
     if is_causal:
         L, S = scores.shape[-2:]
-        allowed = torch.ones(L, S, dtype=torch.bool, device=scores.device).tril()
-        scores = scores.masked_fill(~allowed, float("-inf"))
-    row_max = scores.amax(dim=-1, keepdim=True)
+        scores = scores.masked_fill(~causal_allowed(L, S, is_causal, scores.device), float("-inf"))
+    row_max = scores.amax(dim=-1, keepdim=True) if scores.size(-1) else scores.new_full(scores.shape[:-1] + (1,), -math.inf)
     row_max = row_max.masked_fill(row_max == float("-inf"), 0.0)  # empty rows: lse = log(0) = -inf
     lse = torch.pow(math.e, scores - row_max).sum(dim=-1).log() + row_max.squeeze(-1)
     probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # empty rows: softmax NaN -> 0

@@ -41,42 +41,53 @@ CASES = {
     "fully_masked_rows": dict(shape=(2, 2, 2, 12, 20, 8, 8), mask="bool_empty_rows", bias="per_head"),
     "empty_L": dict(shape=(2, 2, 2, 0, 20, 8, 8), bias="full"),
     "empty_S": dict(shape=(2, 2, 2, 12, 0, 8, 8), bias="full"),
+    # Bottom-right causality: the last query row attends every key; with L > S the first rows attend none.
+    "causal_lower_right_L_lt_S": dict(shape=(2, 2, 2, 37, 200, 16, 16), causal="lower_right", mask="bool_2d"),
+    "causal_lower_right_L_gt_S": dict(shape=(2, 2, 2, 90, 37, 16, 16), causal="lower_right", bias="per_head"),
+    "causal_lower_right_decode": dict(shape=(2, 4, 2, 3, 150, 32, 32), causal="lower_right", mask="bool_padding"),
+    # torch's broadcasting: key/value with batch 1 and 1 head against the query's; one query head against 3.
+    "broadcast_key_value": dict(shape=(2, 4, 1, 21, 33, 16, 16), kv_batch=1, bias="per_head"),
+    "broadcast_query_head": dict(shape=(2, 1, 3, 21, 33, 16, 24), mask="bool_padding", causal=True),
+    # Empty head dims: softmax(masks) @ V, and an empty output with its LSE.
+    "empty_query_key_dim": dict(shape=(2, 2, 2, 12, 20, 0, 8), mask="bool_2d", bias="full"),
+    "empty_value_dim": dict(shape=(2, 2, 2, 12, 20, 8, 0), bias="full"),
 }
 
 
 def make_inputs(case, dtype, device, seed=0):
     B, Hq, Hkv, L, S, E, Ev = case["shape"]
+    Bkv, H = case.get("kv_batch", B), max(Hq, Hkv)  # H: the output's heads
     gen = torch.Generator().manual_seed(seed)
     if case.get("strided"):
         # (B, L, H, E) storage read as (B, H, L, E): non-contiguous rows for q, k and v.
         q = randn(gen, B, L, Hq, E, dtype=dtype).to(device).transpose(1, 2)
-        k = randn(gen, B, S, Hkv, E, dtype=dtype).to(device).transpose(1, 2)
-        v = randn(gen, B, S, Hkv, Ev, dtype=dtype).to(device).transpose(1, 2)
+        k = randn(gen, Bkv, S, Hkv, E, dtype=dtype).to(device).transpose(1, 2)
+        v = randn(gen, Bkv, S, Hkv, Ev, dtype=dtype).to(device).transpose(1, 2)
     else:
         q = randn(gen, B, Hq, L, E, dtype=dtype).to(device)
-        k = randn(gen, B, Hkv, S, E, dtype=dtype).to(device)
-        v = randn(gen, B, Hkv, S, Ev, dtype=dtype).to(device)
+        k = randn(gen, Bkv, Hkv, S, E, dtype=dtype).to(device)
+        v = randn(gen, Bkv, Hkv, S, Ev, dtype=dtype).to(device)
     mask = {
         None: lambda: None,
         "bool_2d": lambda: bool_mask(gen, L, S),
         "bool_padding": lambda: bool_mask(gen, B, 1, 1, S),
-        "bool_heads": lambda: bool_mask(gen, Hq, L, S),
-        "bool_expanded": lambda: bool_mask(gen, 1, S).to(device).expand(B, Hq, L, S),
-        "bool_empty_rows": lambda: bool_mask(gen, B, Hq, L, S).index_fill(2, torch.tensor([0, 5, L - 1]), False),
-        "float_full": lambda: randn(gen, B, Hq, L, S, dtype=dtype),
+        "bool_heads": lambda: bool_mask(gen, H, L, S),
+        "bool_expanded": lambda: bool_mask(gen, 1, S).to(device).expand(B, H, L, S),
+        "bool_empty_rows": lambda: bool_mask(gen, B, H, L, S).index_fill(2, torch.tensor([0, 5, L - 1]), False),
+        "float_full": lambda: randn(gen, B, H, L, S, dtype=dtype),
         "float32_row": lambda: randn(gen, 1, S),
     }[case.get("mask")]()
     bias = {
         None: lambda: None,
-        "full": lambda: randn(gen, B, Hq, L, S, dtype=dtype),
-        "per_head": lambda: randn(gen, Hq, L, S, dtype=dtype),
-        "expanded": lambda: randn(gen, Hq, 1, 1, dtype=dtype).to(device).expand(B, Hq, L, S),
+        "full": lambda: randn(gen, B, H, L, S, dtype=dtype),
+        "per_head": lambda: randn(gen, H, L, S, dtype=dtype),
+        "expanded": lambda: randn(gen, H, 1, 1, dtype=dtype).to(device).expand(B, H, L, S),
     }[case.get("bias")]()
     mask = mask.to(device) if mask is not None else None
     bias = bias.to(device) if bias is not None else None
-    grad_out = randn(gen, B, Hq, L, Ev, dtype=dtype).to(device)
+    grad_out = randn(gen, B, H, L, Ev, dtype=dtype).to(device)
     return dict(query=q, key=k, value=v, attn_mask=mask, attn_bias=bias, is_causal=case.get("causal", False),
-                enable_gqa=Hq != Hkv), grad_out
+                enable_gqa=Hq != Hkv and 1 not in (Hq, Hkv)), grad_out
 
 
 def tolerance(dtype, expected):
@@ -136,6 +147,8 @@ TENSOR_CORE_VARIANTS = {
     "float32_mask_row_bias": dict(mask="float32_row", bias="per_head"),
     "causal_L_lt_S": dict(causal=True),
     "causal_L_gt_S": dict(causal=True, mask="bool_2d", bias="per_head", L=131, S=67),
+    "causal_lower_right_L_lt_S": dict(causal="lower_right", mask="bool_padding"),
+    "causal_lower_right_L_gt_S": dict(causal="lower_right", L=131, S=67),
     "single_query": dict(L=1),
 }
 

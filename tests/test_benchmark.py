@@ -68,6 +68,9 @@ def test_cli_quick_runs_and_writes(tmp_path, capsys):
             assert math.isclose(row["gflops"], 2 * 2 * 4 * 64 * 64 * 128 / (row["median_ms"] * 1e-3) / 1e9,
                                 rel_tol=1e-9)
     assert report["reference_gemm"]["gflops"] > 0
+    # A quick run judges no target: nothing a new user could read as a failure.
+    assert "Targets: not judged in --quick runs" in printed
+    assert "NO" not in printed.split() and "<= 1.10" not in printed
     assert report["environment"]["torch"] == torch.__version__
     assert "bool_pad50" in {o["mask"] for o in report["mask_overhead"]}
     if importlib.util.find_spec("matplotlib") is None:

@@ -105,7 +105,8 @@ def test_emulated_tensor_core_forward_matches_reference(emulator, variant, E, Ev
 @pytest.mark.parametrize("dtype", TENSOR_CORE_DTYPES)
 @pytest.mark.parametrize("E, Ev", EMULATED_TENSOR_CORE_HEAD_DIMS)
 @pytest.mark.parametrize("variant", ["plain", "bool_padding_bias_full", "strided_expanded", "fully_masked_rows",
-                                     "float32_mask_row_bias", "causal_L_lt_S", "causal_L_gt_S", "single_query"])
+                                     "float32_mask_row_bias", "causal_L_lt_S", "causal_L_gt_S",
+                                     "causal_lower_right_L_lt_S", "causal_lower_right_L_gt_S", "single_query"])
 def test_emulated_tensor_core_backward_matches_cpu(emulator, variant, E, Ev, dtype):
     inputs, grad_out = make_inputs(tensor_core_case(variant, E, Ev), dtype, "cpu")
     cpu = run(inputs, grad_out)

@@ -28,7 +28,7 @@ using GradScoresZeros = at::Tensor (*)(at::IntArrayRef shape, const at::TensorOp
 // Accumulation dtype of the kernels for inputs of `dtype`: float64 for float64, else float32.
 at::ScalarType accumulation_dtype(at::ScalarType dtype);
 
-// Returns (output (..., Hq, L, Ev), lse (..., Hq, L)).
+// Returns (output (..., H, L, Ev), lse (..., H, L)), H and the other leading dims broadcast across the inputs.
 std::tuple<at::Tensor, at::Tensor> attention_forward(const at::Tensor& query, const at::Tensor& key,
                                                      const at::Tensor& value,
                                                      const std::optional<at::Tensor>& attn_mask,
@@ -36,8 +36,8 @@ std::tuple<at::Tensor, at::Tensor> attention_forward(const at::Tensor& query, co
                                                      double scale, double dropout_p,
                                                      const std::optional<at::Tensor>& rng_state, ForwardKernel kernel);
 
-// Returns (grad_query, grad_key, grad_value, grad_attn_mask, grad_attn_bias); the last two are empty
-// tensors unless requested, and otherwise have the shapes of attn_mask and attn_bias.
+// Returns (grad_query, grad_key, grad_value, grad_attn_mask, grad_attn_bias), each of its input's shape
+// (summed over the dims it broadcasts along); the last two are empty tensors unless requested.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward(
     const at::Tensor& grad_output, const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
     const std::optional<at::Tensor>& attn_mask, const std::optional<at::Tensor>& attn_bias,
@@ -46,12 +46,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention
     const std::optional<at::Tensor>& rng_state, BackwardKernel kernel, GradScoresLayout grad_scores_layout,
     GradScoresZeros grad_scores_zeros = nullptr);
 
-// Softmax probabilities (..., Hq, L, S) recomputed from the saved LSE; rows with nothing to attend are 0.
+// Softmax probabilities (..., H, L, S) recomputed from the saved LSE; rows with nothing to attend are 0.
 at::Tensor attention_weights(const at::Tensor& query, const at::Tensor& key,
                              const std::optional<at::Tensor>& attn_mask, const std::optional<at::Tensor>& attn_bias,
                              const at::Tensor& lse, c10::string_view causal, double scale, WeightsKernel kernel);
 
-// The dropout decisions a call with this dropout_p and rng_state makes: bool (..., Hq, L, S), True = kept.
+// The dropout decisions a call with this dropout_p and rng_state makes: bool (..., H, L, S), True = kept.
 at::Tensor attention_dropout_mask(const at::Tensor& query, const at::Tensor& key, double dropout_p,
                                   const at::Tensor& rng_state, DropoutMaskKernel kernel);
 

@@ -52,7 +52,10 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
     expanded. Differences from torch: a query with every key masked gets zeros (output and
     weights) instead of NaN; the returned attention weights come from the fused kernels (the
     softmax recomputed from the log-sum-exp), before dropout, and cannot be back-propagated through;
-    nested tensors are not supported.
+    nested tensors are not supported; a projection bias of another dtype than its weight is added in the
+    weight's dtype. Bad input raises ``mha_ext.errors.LayerValueError`` / ``LayerTypeError``, which are
+    ``AssertionError`` and ``RuntimeError`` (what torch's layer raises) as well as ``ValueError`` /
+    ``TypeError``.
     """
 
     def __init__(
