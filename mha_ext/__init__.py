@@ -15,7 +15,7 @@ from ._loader import build_info  # noqa: E402
 from .functional import attention_weights, dropout_mask, scaled_dot_product_attention  # noqa: E402
 from . import masks, nn  # noqa: E402  (integrations stay opt-in: transformers is an optional dependency)
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = ["scaled_dot_product_attention", "attention_weights", "dropout_mask", "build_info", "errors", "masks",
            "nn", "ops", "__version__"]
