@@ -4,7 +4,7 @@
 #   ./dev.sh test    the test suite; extra arguments go to pytest  (the Quickstart's second command; CI runs it)
 #   ./dev.sh bench   the full benchmark (python -m mha_ext.benchmark; extra arguments are passed on)
 #   ./dev.sh setup   only the setup below
-# Setup: a virtual environment in .venv with torch (TORCH_SPEC, default torch==2.13.0, a CPU build), the
+# Setup: a virtual environment in .venv with torch (TORCH_SPEC, default scripts/torch_pins.sh's CPU build), the
 # build tools and requirements-test.txt, and mha_ext installed editable with --no-build-isolation (so it
 # compiles against that torch). The packages are installed again only when TORCH_SPEC or a requirements
 # file changed; the extension is rebuilt by ninja in build/, which recompiles only the sources that changed
@@ -12,8 +12,9 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 
+source scripts/torch_pins.sh
 VENV=${MHA_EXT_VENV:-.venv}
-TORCH_SPEC=${TORCH_SPEC:-torch==2.13.0}
+TORCH_SPEC=${TORCH_SPEC:-$TORCH_CPU_SPEC}
 PY="$VENV/bin/python"
 
 usage() { echo "usage: ./dev.sh [run|test|bench|setup] [args...]" >&2; }

@@ -27,11 +27,11 @@ nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1 || true
 step build env MAX_JOBS="${MAX_JOBS:-$(nproc)}" pip install --no-build-isolation -v -e .
 step build_info python -c 'import mha_ext, torch; i = mha_ext.build_info(); print(i, torch.cuda.get_device_name()); assert i["cuda"] and torch.cuda.is_available()'
 [[ $status -eq 0 ]] || { echo "gpu_run: the CUDA build is not usable; stopping"; exit 1; }
-step tests_cuda python -m pytest tests/test_cuda.py -q -rs -k "not compute_sanitizer_memcheck"
-step memcheck python -m pytest tests/test_cuda.py -q -rs -k compute_sanitizer_memcheck
+step tests_cuda python -m pytest tests -q -rs -m "gpu" -k "not compute_sanitizer_memcheck"
+step memcheck python -m pytest tests/test_cuda_device.py -q -rs -k compute_sanitizer_memcheck
 # The CUDA suite at 0.2 s of timing per implementation and case (BENCH_BUDGET), to leave device time for the
-# rest; the other test files last (they run their tests on CUDA too, and the emulated-CUDA tests on the CPU).
+# rest; the other tests last (the CPU rows, and the emulated-CUDA tests on the CPU).
 step benchmark python -m mha_ext.benchmark --device cuda --budget "${BENCH_BUDGET:-0.2}" --out "$OUT/benchmark"
-step tests_all python -m pytest tests/ -x -q -rs --ignore=tests/test_cuda.py
+step tests_all python -m pytest tests/ -x -q -rs -m "not gpu"
 echo "gpu_run: done, logs in $OUT (exit $status)"
 exit $status

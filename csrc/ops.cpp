@@ -1,5 +1,5 @@
-// The op schemas: the contract every backend implements (CPU here, CUDA in csrc/cuda) and that the
-// Python layer (mha_ext/ops.py) gives autograd and fake kernels.
+// The op schemas: the contract every backend implements (csrc/attention/entry.h's bodies, bound to a backend's
+// kernels by register_backend.h) and that the Python layer (mha_ext/ops.py) gives autograd and fake kernels.
 #include <torch/library.h>
 
 TORCH_LIBRARY(mha_ext, m) {
@@ -12,11 +12,13 @@ TORCH_LIBRARY(mha_ext, m) {
       "attention_forward(Tensor query, Tensor key, Tensor value, Tensor? attn_mask, Tensor? attn_bias, "
       "str causal, float scale, float dropout_p=0.0, Tensor? rng_state=None) -> (Tensor, Tensor)");
   // Returns (grad_query, grad_key, grad_value, grad_attn_mask, grad_attn_bias); the last two are
-  // empty unless requested. grad_lse (optional) is the gradient reaching the returned LSE.
+  // empty unless requested. grad_lse (optional) is the gradient reaching the returned LSE. After its own
+  // arguments it takes attention_forward's, in the same order: an argument added to the forward is added
+  // at the same place here.
   m.def(
-      "attention_backward(Tensor grad_output, Tensor query, Tensor key, Tensor value, Tensor? attn_mask, "
-      "Tensor? attn_bias, Tensor output, Tensor lse, Tensor? grad_lse, str causal, float scale, bool mask_requires_grad, "
-      "bool bias_requires_grad, float dropout_p=0.0, Tensor? rng_state=None) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+      "attention_backward(Tensor grad_output, Tensor output, Tensor lse, Tensor? grad_lse, bool mask_requires_grad, "
+      "bool bias_requires_grad, Tensor query, Tensor key, Tensor value, Tensor? attn_mask, Tensor? attn_bias, "
+      "str causal, float scale, float dropout_p=0.0, Tensor? rng_state=None) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   // Attention dropout keeps a (query, key) pair with probability 1 - dropout_p, scaling it by
   // 1 / (1 - dropout_p); rng_state = int64 [seed, offset] keys the counter-based RNG. This returns
   // the decisions, bool (..., H, L, S), True = kept.
@@ -25,4 +27,9 @@ TORCH_LIBRARY(mha_ext, m) {
   m.def(
       "attention_weights(Tensor query, Tensor key, Tensor? attn_mask, Tensor? attn_bias, Tensor lse, "
       "str causal, float scale) -> Tensor");
+  // Which kernels attention_forward and attention_backward run for these arguments on the inputs' device, with
+  // their tiles and why the other paths are not taken: JSON text (entry.h).
+  m.def(
+      "attention_explain(Tensor query, Tensor key, Tensor value, Tensor? attn_mask, Tensor? attn_bias, "
+      "str causal, float dropout_p=0.0) -> str");
 }

@@ -1,4 +1,5 @@
-// The Python extension module mha_ext._C: importing it registers the ops; build_info() says what was built.
+// The Python extension module mha_ext._C: importing it registers the ops; build_info() says what was built,
+// kernel_settings() / set_kernel_setting() read and change the run-time kernel choices (attention/settings.h).
 // Plain pybind11, without torch/extension.h: the module binds no tensors, and that header alone costs
 // most of a minute of compile time.
 #include <pybind11/pybind11.h>
@@ -6,6 +7,7 @@
 
 #include <string>
 
+#include "attention/settings.h"
 #include "cpu/gemm.h"
 #include "cpu/row_ops.h"
 
@@ -40,4 +42,10 @@ py::dict build_info() {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "mha_ext kernels; the ops live under torch.ops.mha_ext";
   m.def("build_info", &build_info, "What this build of mha_ext was compiled with");
+  m.def("kernel_settings", [] {
+    py::dict settings;
+    for (const auto& [name, value] : mha_ext::kernel_settings_text()) settings[py::str(name)] = value;
+    return settings;
+  }, "The run-time kernel settings, as text");
+  m.def("set_kernel_setting", &mha_ext::set_kernel_setting, "Sets one kernel setting from its text");
 }

@@ -3,7 +3,9 @@
     import mha_ext
     out = mha_ext.scaled_dot_product_attention(q, k, v, attn_mask=mask)   # bool mask: True = attend
 
-The ops are torch.ops.mha_ext.attention_forward / attention_backward / attention_weights.
+The ops are torch.ops.mha_ext.attention_forward / attention_backward / attention_weights /
+attention_dropout_mask / attention_explain. mha_ext.explain(...) says which kernels a call runs and why;
+mha_ext.settings(...) switches between equivalent kernels for a scope.
 """
 
 from . import _loader
@@ -11,11 +13,14 @@ from . import _loader
 _C = _loader.load()
 
 from . import errors, ops  # noqa: E402  (ops registers autograd and fake kernels for the ops loaded above)
+from ._explain import Explanation, KernelChoice, explain  # noqa: E402
 from ._loader import build_info  # noqa: E402
+from ._settings import current_settings, settings  # noqa: E402
 from .functional import attention_weights, dropout_mask, scaled_dot_product_attention  # noqa: E402
 from . import masks, nn  # noqa: E402  (integrations stay opt-in: transformers is an optional dependency)
 
 __version__ = "0.2.0"
 
-__all__ = ["scaled_dot_product_attention", "attention_weights", "dropout_mask", "build_info", "errors", "masks",
-           "nn", "ops", "__version__"]
+__all__ = ["scaled_dot_product_attention", "attention_weights", "dropout_mask", "explain", "Explanation",
+           "KernelChoice", "settings", "current_settings", "build_info", "errors", "masks", "nn", "ops",
+           "__version__"]

@@ -27,8 +27,11 @@ def _leading_shape(query, key, value) -> tuple:
     return tuple(batch) + (heads,)
 
 
+# The fake kernels and the autograd formula read the first arguments of the forward (query, key, value,
+# attn_mask, attn_bias) by name and pass the others on as they came, so that an argument added to the
+# forward's schema (and to the backward's, which repeats it) needs nothing here.
 @torch.library.register_fake("mha_ext::attention_forward")
-def _attention_forward_fake(query, key, value, attn_mask, attn_bias, causal, scale, dropout_p=0.0, rng_state=None):
+def _attention_forward_fake(query, key, value, *rest):
     lead = _leading_shape(query, key, value)
     L = query.shape[-2]
     out = query.new_empty(lead + (L, value.shape[-1]))
@@ -37,9 +40,8 @@ def _attention_forward_fake(query, key, value, attn_mask, attn_bias, causal, sca
 
 
 @torch.library.register_fake("mha_ext::attention_backward")
-def _attention_backward_fake(grad_output, query, key, value, attn_mask, attn_bias, output, lse, grad_lse,
-                             causal, scale, mask_requires_grad, bias_requires_grad, dropout_p=0.0,
-                             rng_state=None):
+def _attention_backward_fake(grad_output, output, lse, grad_lse, mask_requires_grad, bias_requires_grad, query,
+                             key, value, attn_mask, attn_bias, *rest):
     def grad_like(tensor, wanted):
         return tensor.new_empty(tensor.shape) if wanted else query.new_empty((0,))
 
@@ -59,25 +61,26 @@ def _attention_weights_fake(query, key, attn_mask, attn_bias, lse, causal, scale
 
 
 def _forward_setup_context(ctx, inputs, output):
-    query, key, value, attn_mask, attn_bias, causal, scale, dropout_p, rng_state = inputs
-    out, lse = output
-    # rng_state is kept so the backward regenerates the forward's dropout decisions.
-    ctx.save_for_backward(query, key, value, attn_mask, attn_bias, out, lse, rng_state)
-    ctx.causal = causal
-    ctx.scale = scale
-    ctx.dropout_p = dropout_p
+    # Every argument of the forward goes back to attention_backward (rng_state included, so that it
+    # regenerates the forward's dropout decisions): the tensors saved, the others kept as they are.
+    ctx.tensor_slots = [i for i, x in enumerate(inputs) if isinstance(x, torch.Tensor)]
+    ctx.inputs = [None if isinstance(x, torch.Tensor) else x for x in inputs]
+    ctx.save_for_backward(*output, *(inputs[i] for i in ctx.tensor_slots))
 
 
 def _forward_backward(ctx, grad_out, grad_lse):
-    query, key, value, attn_mask, attn_bias, out, lse, rng_state = ctx.saved_tensors
+    out, lse, *tensors = ctx.saved_tensors
+    inputs = list(ctx.inputs)
+    for slot, tensor in zip(ctx.tensor_slots, tensors):
+        inputs[slot] = tensor
+    attn_mask, attn_bias = inputs[3], inputs[4]
     needs = ctx.needs_input_grad
     mask_requires_grad = bool(needs[3]) and attn_mask is not None and attn_mask.is_floating_point()
     bias_requires_grad = bool(needs[4]) and attn_bias is not None
     grad_q, grad_k, grad_v, grad_mask, grad_bias = _ops.attention_backward(
-        grad_out, query, key, value, attn_mask, attn_bias, out, lse, grad_lse, ctx.causal, ctx.scale,
-        mask_requires_grad, bias_requires_grad, ctx.dropout_p, rng_state)
+        grad_out, out, lse, grad_lse, mask_requires_grad, bias_requires_grad, *inputs)
     return (grad_q, grad_k, grad_v, grad_mask if mask_requires_grad else None,
-            grad_bias if bias_requires_grad else None, None, None, None, None)
+            grad_bias if bias_requires_grad else None) + (None,) * (len(inputs) - 5)
 
 
 torch.library.register_autograd("mha_ext::attention_forward", _forward_backward,

@@ -9,6 +9,7 @@
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+source "$ROOT/scripts/torch_pins.sh"
 VENV="${MHA_EXT_CUDA_VENV:-$ROOT/.venv-cuda}"
 WORK="$ROOT/build/cuda-ci"
 SRC="$WORK/src"
@@ -17,7 +18,7 @@ START=$SECONDS
 if [[ ! -x "$VENV/bin/python" ]]; then
   python3 -m venv "$VENV"
 fi
-"$VENV/bin/pip" install -q torch==2.14.1 ninja setuptools wheel
+"$VENV/bin/pip" install -q "$TORCH_CUDA_SPEC" ninja setuptools wheel
 
 # The nvcc on PATH may be a wrapper script; `nvcc --dryrun` names the real bin directory as _HERE_.
 if [[ -z "${CUDA_HOME:-}" ]]; then

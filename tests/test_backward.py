@@ -6,11 +6,7 @@ import pytest
 import torch
 
 import mha_ext
-from conftest import DEVICES, TOLERANCES, at_thread_counts, reference_attention
-
-
-def leaf(t):
-    return t.detach().clone().requires_grad_(True)
+from helpers.reference import DEVICES, TOLERANCES, leaf, reference_attention
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -132,19 +128,6 @@ def test_backward_is_bitwise_deterministic(device):
             assert torch.equal(a, b)
 
 
-def test_backward_does_not_depend_on_thread_count():
-    gen = torch.Generator().manual_seed(23)
-    q, k, v = (torch.randn(1, 2, 257, 16, generator=gen) for _ in range(3))
-    def grads():
-        inputs = [leaf(t) for t in (q, k, v)]
-        mha_ext.scaled_dot_product_attention(*inputs, is_causal=True).sum().backward()
-        return [t.grad for t in inputs]
-
-    results = at_thread_counts(grads)
-    for a, b in zip(*results):
-        assert torch.equal(a, b)
-
-
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("mask_shape,bias_shape", [((6, 8), (2, 1, 6, 1)), ((1, 4, 1, 8), (6, 8)), ((2, 4, 6, 8), (8,))])
 def test_gradcheck_mask_and_bias_broadcast_differently(device, mask_shape, bias_shape):
@@ -163,92 +146,3 @@ def test_gradcheck_mask_and_bias_broadcast_differently(device, mask_shape, bias_
     assert torch.autograd.gradcheck(fn, (q, k, v, mask, bias))
 
 
-def test_shared_bias_gradient_does_not_depend_on_thread_count():
-    # A (H, L, S) bias shared by a batch of 3: its gradient adds up the batch inside one work item.
-    gen = torch.Generator().manual_seed(24)
-    q, k, v = (torch.randn(3, 2, 130, 16, generator=gen) for _ in range(3))
-    bias = torch.randn(2, 130, 130, generator=gen)
-    def grads():
-        inputs = [leaf(t) for t in (q, k, v, bias)]
-        mha_ext.scaled_dot_product_attention(*inputs[:3], attn_bias=inputs[3]).square().sum().backward()
-        return [t.grad for t in inputs]
-
-    results = at_thread_counts(grads)
-    for a, b in zip(*results):
-        assert torch.equal(a, b)
-    ref_inputs = [leaf(t.double()) for t in (q, k, v, bias)]
-    reference_attention(*ref_inputs[:3], attn_bias=ref_inputs[3]).square().sum().backward()
-    torch.testing.assert_close(results[0][3].double(), ref_inputs[3].grad, atol=1e-4, rtol=1e-4)
-
-
-@pytest.mark.parametrize("case", ["odd_tiles", "unaligned_views", "odd_value_dim"])
-def test_bf16_tile_product_gradients_match_reference(case):
-    """bf16 gradients from the VNNI tile products (where the CPU has them) and from tiles widened to float32
-    (torch.backends.mkldnn off) both match the fp64 reference: odd query and key tile sizes (the padded pair
-    rows and columns), rows starting at odd bf16 offsets, and an odd value dim (which always widens)."""
-    gen = torch.Generator().manual_seed(len(case))
-    randn = lambda *s: torch.randn(*s, generator=gen).to(torch.bfloat16)
-    if case == "odd_tiles":
-        q, k, v = randn(2, 4, 131, 64), randn(2, 2, 197, 64), randn(2, 2, 197, 96)
-    elif case == "unaligned_views":
-        wide = randn(2, 37, 3, 3, 33)  # a fused projection with one pad column: rows start at odd offsets
-        q, k, v = (wide[:, :, i, :, 1:].transpose(1, 2) for i in range(3))
-    else:
-        q, k, v = randn(1, 2, 40, 16), randn(1, 2, 50, 16), randn(1, 2, 50, 15)
-    mask = torch.rand(q.shape[0], 1, q.shape[2], k.shape[2], generator=gen) > 0.3
-    grad_out = randn(*q.shape[:-1], v.shape[-1])
-    ref_inputs = [leaf(t.double()) for t in (q, k, v)]
-    reference_attention(*ref_inputs, attn_mask=mask, is_causal=True).backward(grad_out.double())
-    atol, rtol = TOLERANCES[torch.bfloat16]
-    for mkldnn in (True, False):
-        inputs = [leaf(t) for t in (q, k, v)]
-        previous, torch.backends.mkldnn.enabled = torch.backends.mkldnn.enabled, mkldnn
-        try:
-            out = mha_ext.scaled_dot_product_attention(*inputs, attn_mask=mask, is_causal=True, enable_gqa=True)
-            out.backward(grad_out)
-        finally:
-            torch.backends.mkldnn.enabled = previous
-        for name, ours, ref in zip("qkv", inputs, ref_inputs):
-            bound = atol * 10 + rtol * ref.grad.abs().max().item()
-            torch.testing.assert_close(ours.grad.double(), ref.grad, atol=bound, rtol=rtol * 10,
-                                       msg=f"{name}, mkldnn={mkldnn}")
-
-
-@pytest.mark.parametrize("padded_batch", [0, 1])
-def test_shared_bias_gradient_covers_skipped_tiles(padded_batch):
-    """A bias gradient slab shared by the batch (the CPU backward adds the batch-heads into one slab): tiles
-    skipped by causality (rows above the diagonal) and by a padding mask (whole key tiles of one batch) come
-    out exactly 0 and the rest matches the reference, whichever batch is padded."""
-    gen = torch.Generator().manual_seed(43 + padded_batch)
-    q, k, v = (torch.randn(2, 3, n, 16, generator=gen) for n in (150, 300, 300))
-    bias = torch.randn(3, 150, 300, generator=gen)
-    keep = torch.ones(2, 1, 1, 300, dtype=torch.bool)
-    keep[padded_batch, ..., 100:] = False  # key tiles 1 and 2 of that batch attend nothing
-    grad_out = torch.randn(2, 3, 150, 16, generator=gen)
-    ours = leaf(bias)
-    mha_ext.scaled_dot_product_attention(q, k, v, attn_mask=keep, attn_bias=ours, is_causal=True).backward(grad_out)
-    ref = leaf(bias.double())
-    reference_attention(q.double(), k.double(), v.double(), attn_mask=keep, attn_bias=ref, is_causal=True).backward(
-        grad_out.double())
-    assert torch.isfinite(ours.grad).all()
-    above_diagonal = ~torch.ones(150, 300, dtype=torch.bool).tril()
-    assert (ours.grad[:, above_diagonal] == 0).all()
-    torch.testing.assert_close(ours.grad.double(), ref.grad, atol=1e-5, rtol=1e-4)
-
-
-def test_bias_gradient_of_64_mib_on_huge_pages():
-    """A bias gradient of 64 MiB and more is allocated on transparent huge pages (csrc/cpu/huge_pages.cpp):
-    with causality, everything above the diagonal is exactly 0 and the rest matches the reference, on a
-    first and a second call."""
-    gen = torch.Generator().manual_seed(47)
-    q, k, v = (torch.randn(1, 4, 2048, 8, generator=gen) for _ in range(3))
-    bias = torch.randn(1, 4, 2048, 2048, generator=gen)  # 64 MiB in float32
-    grad_out = torch.randn(1, 4, 2048, 8, generator=gen)
-    ref = leaf(bias.double())
-    reference_attention(q.double(), k.double(), v.double(), attn_bias=ref, is_causal=True).backward(grad_out.double())
-    above_diagonal = ~torch.ones(2048, 2048, dtype=torch.bool).tril()
-    for _ in range(2):
-        ours = leaf(bias)
-        mha_ext.scaled_dot_product_attention(q, k, v, attn_bias=ours, is_causal=True).backward(grad_out)
-        assert (ours.grad[..., above_diagonal] == 0).all()
-        torch.testing.assert_close(ours.grad.double(), ref.grad, atol=1e-5, rtol=1e-4)

@@ -49,6 +49,7 @@ def test_filter_filters(capsys):
     assert listed and all(case_id.endswith("/fwd/bfloat16") for case_id in listed)
 
 
+@pytest.mark.slow
 def test_cli_quick_runs_and_writes(tmp_path, capsys):
     assert main(["--quick", "--filter", SMOKE_FILTER, "--out", str(tmp_path)]) == 0
     printed = capsys.readouterr().out
@@ -154,6 +155,7 @@ def test_mask_overhead_is_timed_side_by_side():
     assert row.status == OK and row.unmasked_ms > 0 and row.repeats >= TimingPolicy.quick().min_repeats
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="peak RSS is read from Linux /proc")
 def test_memory_in_process_and_in_subprocess(tmp_path):
     result = measure_here("tiny_L64/none/fwd/float32", "sdpa_flash", "cpu")

@@ -39,6 +39,7 @@ def test_build_info_names_what_was_built():
     assert info["torch_version"] == torch.__version__.split("+")[0]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("module", ["mha_ext.info", "mha_ext"])
 def test_command_line_entry_points_run(module):
     result = subprocess.run([sys.executable, "-m", module], cwd=ROOT, capture_output=True, text=True, timeout=300)
@@ -53,6 +54,7 @@ def run_python(code, env=None, cwd=ROOT):
                           env=None if env is None else {**os.environ, **env})
 
 
+@pytest.mark.slow
 def test_jit_load_after_the_installed_build_raises_instead_of_aborting():
     # torch registers the mha_ext ops once per process: loading a second build used to abort the interpreter.
     result = run_python(
@@ -81,6 +83,7 @@ def test_jit_without_sources_says_a_checkout_is_needed(monkeypatch, tmp_path):
     assert "MHA_EXT_JIT" not in str(caught.value)
 
 
+@pytest.mark.slow
 def test_a_regular_install_imports_and_refuses_jit_clearly(tmp_path):
     # A non-editable install, as `pip install --no-build-isolation .` makes it (into a folder here): it imports
     # from there, without this checkout; MHA_EXT_JIT=1 says it needs the sources. The build folder under
@@ -109,6 +112,7 @@ def test_dev_sh_refuses_an_unknown_job_before_any_setup(tmp_path):
     assert not venv.exists()  # nothing was set up
 
 
+@pytest.mark.slow
 def test_avx512_row_passes_compile_without_warnings(tmp_path):
     # GCC 12 warned 47 times about its own AVX-512 intrinsics here; a clean build prints none of ours.
     from torch.utils import cpp_extension

@@ -11,7 +11,7 @@ import torch
 from torch.nn.attention.bias import CausalVariant, causal_lower_right, causal_upper_left
 
 import mha_ext
-from conftest import DEVICES, assert_close_to_reference, causal_allowed, reference_attention
+from helpers.reference import DEVICES, assert_close_to_reference, causal_allowed, reference_attention
 
 # torch warns that its own lower-right CausalBias gives NaN rows when L > S; mha_ext's (and its fused kernels') are 0.
 pytestmark = pytest.mark.filterwarnings("ignore:Lower right causal bias will produce NaNs:UserWarning")
@@ -65,6 +65,7 @@ def test_backward_matches_reference_with_masks_and_bias(device, dtype, L, S):
         assert_close_to_reference(grad, expected_grad, dtype, scale=4 * scale)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("device", DEVICES)
 def test_gradcheck_lower_right(device):
     q, k, v = inputs(5, 9, torch.float64, device, E=4, Ev=3, requires_grad=True)
@@ -130,6 +131,7 @@ def test_causal_variant_values_are_accepted():
                                    mha_ext.scaled_dot_product_attention(q, k, v, is_causal=alignment))
 
 
+@pytest.mark.slow
 def test_causal_bias_and_lower_right_under_torch_compile():
     L, S = 5, 9
     q, k, v = inputs(L, S, torch.float32, "cpu", requires_grad=True)
@@ -150,6 +152,7 @@ def test_mask_helper_builds_both_alignments():
         mha_ext.masks.causal(4, 6, alignment="top")
 
 
+@pytest.mark.slow
 def test_lower_right_skips_work_like_top_left():
     # Tile skipping: with L = S the two alignments are the same mask and must cost the same; against a full
     # (unmasked) run both skip about half the key tiles. Timed as a ratio in one process, generously bounded.

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import mha_ext
-from conftest import DEVICES, at_thread_counts
+from helpers.reference import DEVICES, at_thread_counts
 
 M0, M1, W0, W1 = 0xD2511F53, 0xCD9E8D57, 0x9E3779B9, 0xBB67AE85
 MASK32 = 0xFFFFFFFF
@@ -57,6 +57,7 @@ def test_keep_rate_within_statistical_bounds(p):
     assert (per_column - (1 - p)).abs().max() < 6 * math.sqrt(p * (1 - p) / (n / 128))
 
 
+@pytest.mark.slow
 def test_mean_over_draws_approaches_no_dropout_output():
     gen = torch.Generator().manual_seed(2)
     q, k, v = (torch.randn(1, 2, 9, 16, generator=gen, dtype=torch.float64) for _ in range(3))
@@ -109,6 +110,7 @@ def test_output_and_gradients_equal_reference_with_helper_mask(device, dtype, ca
         torch.testing.assert_close(ours.grad.double(), ref.grad, atol=bound, rtol=tol * 10, msg=name)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("device", DEVICES)
 def test_gradcheck_with_dropout(device):
     gen = torch.Generator().manual_seed(4)

@@ -1,4 +1,4 @@
-"""The seed examples run (each is a program that checks its own results; CI runs them with run_all.sh).
+"""The examples run (one per seed document) (each is a program that checks its own results; CI runs them with run_all.sh).
 
 They run in this process, as ``__main__``, to spare a torch import per example.
 """
@@ -11,16 +11,16 @@ import torch
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 EXPECTED_OUTPUT = {
-    "seed_000_bert_attention_layer.py": "matches BERT's formula",
-    "seed_001_time_flies.py": "output size: torch.Size([1, 5, 768])",
-    "seed_003_transformer.py": "mha_ext calls: 6",
-    "seed_004_tensorflow_style.py": "match TensorFlow's formula",
+    "bert_attention_layer_int_mask.py": "matches BERT's formula",
+    "per_token_query_key_masks.py": "output size: torch.Size([1, 5, 768])",
+    "transformer_swap_causal_padding.py": "mha_ext calls: 6",
+    "tensorflow_style_float_mask.py": "match TensorFlow's formula",
 }
 
 
 def test_every_example_is_listed_and_run_by_run_all():
-    assert sorted(p.name for p in EXAMPLES.glob("seed_*.py")) == sorted(EXPECTED_OUTPUT)
-    assert "for example in seed_*.py" in (EXAMPLES / "run_all.sh").read_text()
+    assert sorted(p.name for p in EXAMPLES.glob("*.py")) == sorted(EXPECTED_OUTPUT)
+    assert "for example in *.py" in (EXAMPLES / "run_all.sh").read_text()
 
 
 @pytest.mark.filterwarnings("ignore:The PyTorch API of nested tensors")

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import mha_ext
-from conftest import DEVICES, assert_close_to_reference, reference_attention
+from helpers.reference import DEVICES, assert_close_to_reference, reference_attention
 
 ops = torch.ops.mha_ext
 
@@ -21,6 +21,7 @@ def sample_inputs(device, dtype=torch.float32, requires_grad=True):
     return q, k, v, mask, bias
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_opcheck_attention_forward(device, dtype):
@@ -29,6 +30,7 @@ def test_opcheck_attention_forward(device, dtype):
         torch.library.opcheck(ops.attention_forward, args)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("device", DEVICES)
 def test_opcheck_with_dropout(device):
     q, k, v, mask, bias = sample_inputs(device, torch.float64)
@@ -37,21 +39,23 @@ def test_opcheck_with_dropout(device):
     torch.library.opcheck(ops.attention_dropout_mask, (q, k, 0.3, rng_state))
     q, k, v, bias = (t.detach() for t in (q, k, v, bias))  # the backward op itself has no autograd formula
     out, lse = ops.attention_forward(q, k, v, mask, bias, "upper_left", 0.5, 0.3, rng_state)
-    torch.library.opcheck(ops.attention_backward, (torch.randn_like(out), q, k, v, mask, bias, out, lse, None, "upper_left",
-                                                   0.5, False, True, 0.3, rng_state))
+    torch.library.opcheck(ops.attention_backward, (torch.randn_like(out), out, lse, None, False, True, q, k, v, mask,
+                                                   bias, "upper_left", 0.5, 0.3, rng_state))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("device", DEVICES)
 def test_opcheck_attention_backward_and_weights(device):
     q, k, v, mask, bias = sample_inputs(device, torch.float64, requires_grad=False)
     out, lse = ops.attention_forward(q, k, v, mask, bias, "upper_left", 0.5)
     grad_out = torch.randn_like(out)
     grad_lse = torch.randn_like(lse)
-    torch.library.opcheck(ops.attention_backward, (grad_out, q, k, v, mask, bias, out, lse, None, "upper_left", 0.5, False, True))
-    torch.library.opcheck(ops.attention_backward, (grad_out, q, k, v, mask, bias, out, lse, grad_lse, "upper_left", 0.5, False, False))
+    torch.library.opcheck(ops.attention_backward, (grad_out, out, lse, None, False, True, q, k, v, mask, bias, "upper_left", 0.5))
+    torch.library.opcheck(ops.attention_backward, (grad_out, out, lse, grad_lse, False, False, q, k, v, mask, bias, "upper_left", 0.5))
     torch.library.opcheck(ops.attention_weights, (q, k, mask, bias, lse, "upper_left", 0.5))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("device", DEVICES)
 def test_torch_compile_fullgraph_forward_and_backward(device):
     q, k, v, mask, bias = sample_inputs(device)
@@ -74,6 +78,7 @@ def test_torch_compile_fullgraph_forward_and_backward(device):
         torch.testing.assert_close(got, want)
 
 
+@pytest.mark.slow
 def test_torch_compile_inductor_has_no_graph_break():
     q, k, v, mask, _ = sample_inputs("cpu", requires_grad=False)
     explanation = torch._dynamo.explain(

@@ -12,6 +12,9 @@ transformers = pytest.importorskip("transformers")
 import mha_ext  # noqa: E402
 import mha_ext.integrations.transformers as hf  # noqa: E402
 
+# Whole (tiny) models, built and run per test: seconds for the module.
+pytestmark = pytest.mark.slow
+
 ATOL = RTOL = 2e-5
 VOCAB = 50
 
@@ -63,7 +66,7 @@ def spy_op(monkeypatch):
         calls.append(dict(query=query.shape, key=key.shape, **kwargs))
         return real(query, key, value, **kwargs)
 
-    monkeypatch.setattr(mha_ext, "scaled_dot_product_attention", spy)
+    monkeypatch.setattr(hf, "scaled_dot_product_attention", spy)
     return calls
 
 

@@ -8,6 +8,7 @@
 #include <algorithm>
 
 #include "attention/contract.h"
+#include "attention/explanation.h"
 
 namespace mha_ext {
 namespace {
@@ -33,6 +34,16 @@ std::vector<int64_t> with_last(std::vector<int64_t> shape, int64_t last) {
   return shape;
 }
 
+// The backend's kernels hold whole rows of the head dims in fast memory, up to its max_head_dim.
+void check_head_dims(const Backend& backend, const at::Tensor& query, const std::optional<at::Tensor>& value) {
+  if (backend.max_head_dim == 0) return;
+  TORCH_CHECK_VALUE(query.size(-1) <= backend.max_head_dim, "mha_ext: on ", backend.name,
+                    ", query's head dim E (last dim) must be at most ", backend.max_head_dim, ", got ", query.size(-1));
+  TORCH_CHECK_VALUE(!value.has_value() || value->size(-1) <= backend.max_head_dim, "mha_ext: on ", backend.name,
+                    ", value's head dim Ev (last dim) must be at most ", backend.max_head_dim, ", got ",
+                    value->size(-1));
+}
+
 // Sets to 1 the leading (batch, head) dims of `shape` (the scores') along which every tensor broadcasts.
 void shrink_to_broadcast_dims(std::vector<int64_t>& shape, const std::vector<at::Tensor>& tensors) {
   const int64_t rank = static_cast<int64_t>(shape.size());
@@ -49,13 +60,14 @@ void shrink_to_broadcast_dims(std::vector<int64_t>& shape, const std::vector<at:
 
 at::ScalarType accumulation_dtype(at::ScalarType dtype) { return dtype == at::kDouble ? at::kDouble : at::kFloat; }
 
-std::tuple<at::Tensor, at::Tensor> attention_forward(const at::Tensor& query, const at::Tensor& key,
-                                                     const at::Tensor& value,
+std::tuple<at::Tensor, at::Tensor> attention_forward(const Backend& backend, const at::Tensor& query,
+                                                     const at::Tensor& key, const at::Tensor& value,
                                                      const std::optional<at::Tensor>& attn_mask,
                                                      const std::optional<at::Tensor>& attn_bias, c10::string_view causal,
                                                      double scale, double dropout_p,
-                                                     const std::optional<at::Tensor>& rng_state, ForwardKernel kernel) {
+                                                     const std::optional<at::Tensor>& rng_state) {
   PreparedAttention prep = prepare_attention(query, key, value, attn_mask, attn_bias, causal, scale);
+  check_head_dims(backend, query, value);
   prep.params.dropout = dropout_rule(dropout_p, rng_state);
   at::Tensor out = at::empty(prep.out_shape, query.options());
   at::Tensor lse = at::empty(prep.lse_shape, query.options().dtype(accumulation_dtype(query.scalar_type())));
@@ -63,18 +75,18 @@ std::tuple<at::Tensor, at::Tensor> attention_forward(const at::Tensor& query, co
   at::Tensor kernel_out = prep.empty_v_dim ? at::empty(with_last(prep.out_shape, 1), query.options()) : out;
   prep.params.out = kernel_out.data_ptr();
   prep.params.lse = lse.data_ptr();
-  if (lse.numel() > 0) kernel(prep.params, query.scalar_type());
+  if (lse.numel() > 0) backend.forward(prep.params, query.scalar_type());
   return {out, lse};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward(
-    const at::Tensor& grad_output, const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
-    const std::optional<at::Tensor>& attn_mask, const std::optional<at::Tensor>& attn_bias,
-    const at::Tensor& output, const at::Tensor& lse, const std::optional<at::Tensor>& grad_lse, c10::string_view causal,
-    double scale, bool mask_requires_grad, bool bias_requires_grad, double dropout_p,
-    const std::optional<at::Tensor>& rng_state, BackwardKernel kernel, GradScoresLayout grad_scores_layout,
-    GradScoresZeros grad_scores_zeros) {
+    const Backend& backend, const at::Tensor& grad_output, const at::Tensor& output, const at::Tensor& lse,
+    const std::optional<at::Tensor>& grad_lse, bool mask_requires_grad, bool bias_requires_grad,
+    const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
+    const std::optional<at::Tensor>& attn_mask, const std::optional<at::Tensor>& attn_bias, c10::string_view causal,
+    double scale, double dropout_p, const std::optional<at::Tensor>& rng_state) {
   PreparedAttention prep = prepare_attention(query, key, value, attn_mask, attn_bias, causal, scale);
+  check_head_dims(backend, query, value);
   prep.params.dropout = dropout_rule(dropout_p, rng_state);
   const at::ScalarType acc = accumulation_dtype(query.scalar_type());
   check_saved(output, "output", prep.out_shape, query.scalar_type(), query);
@@ -105,20 +117,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention
   at::Tensor grad_scores;
   if (mask_requires_grad || bias_requires_grad) {
     std::vector<int64_t> slab_shape = prep.scores_shape;
-    if (grad_scores_layout == GradScoresLayout::kSharedWhereBroadcast) {
+    if (backend.grad_scores_layout == GradScoresLayout::kSharedWhereBroadcast) {
       std::vector<at::Tensor> needing_grad;
       if (mask_requires_grad && attn_mask.has_value()) needing_grad.push_back(*attn_mask);
       if (bias_requires_grad && attn_bias.has_value()) needing_grad.push_back(*attn_bias);
       shrink_to_broadcast_dims(slab_shape, needing_grad);
     }
     const at::TensorOptions options = query.options().dtype(acc);
-    grad_scores = grad_scores_zeros != nullptr ? grad_scores_zeros(slab_shape, options) : at::zeros(slab_shape, options);
+    grad_scores = backend.grad_scores_zeros != nullptr ? backend.grad_scores_zeros(slab_shape, options)
+                                                       : at::zeros(slab_shape, options);
     g.grad_scores = scores_operand(prep, grad_scores);
   }
   g.grad_query = grad_query.data_ptr();
   g.grad_key = grad_key.data_ptr();
   g.grad_value = grad_value.data_ptr();
-  if (grad_key.numel() > 0 || grad_query.numel() > 0) kernel(g, query.scalar_type());
+  if (grad_key.numel() > 0 || grad_query.numel() > 0) backend.backward(g, query.scalar_type());
 
   // Outputs must not alias each other: each absent gradient gets its own empty tensor.
   auto none = [&] { return at::empty({0}, query.options()); };
@@ -132,27 +145,38 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention
           bias_requires_grad ? reduce_to(grad_scores, attn_bias, "attn_bias") : none()};
 }
 
-at::Tensor attention_weights(const at::Tensor& query, const at::Tensor& key,
+at::Tensor attention_weights(const Backend& backend, const at::Tensor& query, const at::Tensor& key,
                              const std::optional<at::Tensor>& attn_mask, const std::optional<at::Tensor>& attn_bias,
-                             const at::Tensor& lse, c10::string_view causal, double scale, WeightsKernel kernel) {
+                             const at::Tensor& lse, c10::string_view causal, double scale) {
   // The weights do not involve the values; the key stands in for them so the contract checks the rest.
   PreparedAttention prep = prepare_attention(query, key, key, attn_mask, attn_bias, causal, scale);
+  check_head_dims(backend, query, std::nullopt);
   check_saved(lse, "lse", prep.lse_shape, accumulation_dtype(query.scalar_type()), query);
   const at::Tensor lse_c = lse.contiguous();
   prep.params.lse = const_cast<void*>(lse_c.data_ptr());
   at::Tensor weights = at::zeros(prep.scores_shape, query.options());
-  if (weights.numel() > 0) kernel(prep.params, query.scalar_type(), weights.data_ptr());
+  if (weights.numel() > 0) backend.weights(prep.params, query.scalar_type(), weights.data_ptr());
   return weights;
 }
 
-at::Tensor attention_dropout_mask(const at::Tensor& query, const at::Tensor& key, double dropout_p,
-                                  const at::Tensor& rng_state, DropoutMaskKernel kernel) {
+at::Tensor attention_dropout_mask(const Backend& backend, const at::Tensor& query, const at::Tensor& key,
+                                  double dropout_p, const at::Tensor& rng_state) {
   // Only the shapes matter: the key stands in for the values.
   PreparedAttention prep = prepare_attention(query, key, key, std::nullopt, std::nullopt, "none", 1.0);
   prep.params.dropout = dropout_rule(dropout_p, rng_state);
   at::Tensor keep = at::ones(prep.scores_shape, query.options().dtype(at::kBool));
-  if (prep.params.dropout.active && keep.numel() > 0) kernel(prep.params, keep.data_ptr<bool>());
+  if (prep.params.dropout.active && keep.numel() > 0) backend.dropout_mask(prep.params, keep.data_ptr<bool>());
   return keep;
+}
+
+std::string attention_explain(const Backend& backend, const at::Tensor& query, const at::Tensor& key,
+                              const at::Tensor& value, const std::optional<at::Tensor>& attn_mask,
+                              const std::optional<at::Tensor>& attn_bias, c10::string_view causal, double dropout_p) {
+  PreparedAttention prep = prepare_attention(query, key, value, attn_mask, attn_bias, causal, 1.0);
+  check_head_dims(backend, query, value);
+  TORCH_CHECK_VALUE(dropout_p >= 0.0 && dropout_p <= 1.0, "mha_ext: dropout_p must be in [0, 1], got ", dropout_p);
+  prep.params.dropout = make_dropout_rule(dropout_p, 0, 0);  // the rule's presence, not its draws, matters here
+  return explanation_json(backend.name, backend.explain(prep.params, query.scalar_type()));
 }
 
 }  // namespace mha_ext

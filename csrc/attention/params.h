@@ -1,13 +1,15 @@
 // The kernel-facing description of one attention call: plain data, usable from host and device code.
 //
-// Every operand is addressed on one "batch grid": query's leading dims, with the head dim split into
-// (kv_heads, group) so that grouped-query attention needs no division and no repeated K/V: query head
-// h = kv_head * group + g, and key/value simply have stride 0 along `group`. Broadcast masks get stride 0
-// along the dims they broadcast over, so nothing is ever expanded in memory.
+// Every operand is addressed on one "batch grid": the leading dims of query, key and value broadcast, with
+// the head dim split into (kv_heads, group) so that grouped-query attention needs no division and no
+// repeated K/V: query head h = kv_head * group + g, and key/value simply have stride 0 along `group`.
+// Broadcast inputs and masks get stride 0 along the dims they broadcast over, so nothing is ever expanded
+// in memory.
 #pragma once
 
 #include <cstdint>
 
+#include "attention/causal.h"
 #include "attention/host_device.h"
 #include "attention/philox.h"
 
@@ -42,30 +44,11 @@ struct Operand {
   MHA_HOST_DEVICE const T* ptr(const BatchGrid& grid, int64_t flat) const {
     return static_cast<const T*>(data) + offset(grid, flat);
   }
+  // Offset of element (i, j) within one batch-head's (rows, cols) slab.
+  MHA_HOST_DEVICE int64_t element(int64_t i, int64_t j) const { return i * row_stride + j * col_stride; }
 };
 
 enum class AdditiveType : int { kNone = 0, kSameAsQuery = 1, kFloat32 = 2 };
-
-// Causality: query row i attends key column j only where j <= i + offset. Offset 0 puts the diagonal in
-// the top-left corner (torch's is_causal=True); S - L in the bottom-right one, so that the last query row
-// sees every key (decoding with a KV cache, chunked prefill). Rows with i + offset < 0 attend nothing.
-struct CausalRule {
-  bool active = false;
-  int64_t offset = 0;
-
-  MHA_HOST_DEVICE bool excludes(int64_t i, int64_t j) const { return active && j > i + offset; }
-  // One past the last key column any of query rows [q0, q0 + rows) attends, within [0, S].
-  MHA_HOST_DEVICE int64_t key_end(int64_t q0, int64_t rows, int64_t S) const {
-    if (!active) return S;
-    const int64_t end = q0 + rows + offset;
-    return end < 0 ? 0 : (end > S ? S : end);
-  }
-  // The first query row that attends key column j.
-  MHA_HOST_DEVICE int64_t first_query(int64_t j) const {
-    const int64_t row = j - offset;
-    return !active || row < 0 ? 0 : row;
-  }
-};
 
 struct AttentionParams {
   BatchGrid grid;

@@ -6,6 +6,8 @@
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 
+#include <string>
+
 #include "cpu/dropout.h"
 #include "cpu/kernels.h"
 #include "cpu/key_tiles.h"
@@ -56,18 +58,18 @@ class FloatGradProducts {
       : q_buf_(kBlockQ * p.E), do_buf_(kBlockQ * p.Ev), k_buf_(kBlockK * p.E), v_buf_(kBlockK * p.Ev),
         vt_buf_(p.Ev * kBlockK), pt_buf_(kBlockK * kBlockQ), dst_buf_(kBlockK * kBlockQ), keys_(p, kBlockK) {}
 
-  void start_key_tile(const HeadView<scalar_t>& kv_head, int64_t k0, int64_t cols) {
+  void start_key_tile(const HeadTiles<scalar_t>& kv_head, int64_t k0, int64_t cols) {
     k_scaled_ = kv_head.scaled_key_rows(k0, cols, k_buf_.data());
     const auto v_rows = kv_head.value_rows(k0, cols, v_buf_.data());
     transpose(cols, kv_head.p.Ev, v_rows.data, v_rows.ld, vt_buf_.data(), kBlockK);
   }
-  void start_query_tile(const HeadView<scalar_t>& head, int64_t q0, int64_t rows, const scalar_t* d_out,
+  void start_query_tile(const HeadTiles<scalar_t>& head, int64_t q0, int64_t rows, const scalar_t* d_out,
                         int64_t d_out_stride) {
     q_scaled_ = head.scaled_query_rows(q0, rows, q_buf_.data());
     do_rows_ = rows_as_acc(d_out + q0 * d_out_stride, d_out_stride, rows, head.p.Ev, do_buf_.data());
   }
   // probs = S, dscores = dP.
-  void scores_and_grad_probs(const HeadView<scalar_t>& head, const HeadView<scalar_t>& kv_head, int64_t q0,
+  void scores_and_grad_probs(const HeadTiles<scalar_t>& head, const HeadTiles<scalar_t>& kv_head, int64_t q0,
                              int64_t rows, int64_t k0, int64_t cols, acc_t* probs, acc_t* dscores) {
     head.score_tile(q0, rows, k0, cols, q_scaled_, keys_.columns(kv_head, k0, cols, rows), probs, kBlockK);
     gemm(Trans::kNo, Trans::kNo, rows, cols, head.p.Ev, acc_t(1), do_rows_.data, do_rows_.ld, vt_buf_.data(),
@@ -105,7 +107,7 @@ class Bf16GradProducts {
         pt_f_(kBlockK * kBlockQ), dst_f_(kBlockK * kBlockQ), pt_(kBlockK * kBlockQ), dst_(kBlockK * kBlockQ),
         ds_(kBlockQ * kBlockK) {}
 
-  void start_key_tile(const HeadView<bf16>& kv_head, int64_t k0, int64_t cols) {
+  void start_key_tile(const HeadTiles<bf16>& kv_head, int64_t k0, int64_t cols) {
     const AttentionParams& p = kv_head.p;
     const bf16* k = kv_head.k + k0 * p.key.row_stride;
     const bf16* v = kv_head.v + k0 * p.value.row_stride;
@@ -113,7 +115,7 @@ class Bf16GradProducts {
     transpose_pairs(cols, p.Ev, v, p.value.row_stride, values_t_.data(), kBlockK);
     interleave_row_pairs(cols, p.E, k, p.key.row_stride, key_pairs_.data());
   }
-  void start_query_tile(const HeadView<bf16>& head, int64_t q0, int64_t rows, const bf16* d_out,
+  void start_query_tile(const HeadTiles<bf16>& head, int64_t q0, int64_t rows, const bf16* d_out,
                         int64_t d_out_stride) {
     q_ = head.q + q0 * head.p.query.row_stride;
     d_out_ = d_out + q0 * d_out_stride;
@@ -121,7 +123,7 @@ class Bf16GradProducts {
     interleave_row_pairs(rows, head.p.E, q_, head.p.query.row_stride, query_pairs_.data());
     interleave_row_pairs(rows, head.p.Ev, d_out_, d_out_stride, d_out_pairs_.data());
   }
-  void scores_and_grad_probs(const HeadView<bf16>& head, const HeadView<bf16>&, int64_t q0, int64_t rows,
+  void scores_and_grad_probs(const HeadTiles<bf16>& head, const HeadTiles<bf16>&, int64_t q0, int64_t rows,
                              int64_t k0, int64_t cols, float* probs, float* dscores) {
     const AttentionParams& p = head.p;
     gemm_bf16_vnni(rows, cols, p.E, q_, p.query.row_stride, keys_t_.data(), kBlockK, /*add_to_c=*/false, probs,
@@ -215,11 +217,11 @@ void backward_kernel(const AttentionGradParams& g) {
         std::fill(dk, dk + cols * E, acc_t(0));
         std::fill(dv, dv + cols * Ev, acc_t(0));
         // Every query head of the group reads the same K/V rows.
-        const HeadView<scalar_t> kv_head(p, m * G);
+        const HeadTiles<scalar_t> kv_head(p, m * G);
         products.start_key_tile(kv_head, k0, cols);
         for (int64_t gi = 0; gi < G; ++gi) {
           const int64_t n = m * G + gi;
-          const HeadView<scalar_t> head(p, n);
+          const HeadTiles<scalar_t> head(p, n);
           const scalar_t* d_out = g.grad_out.ptr<scalar_t>(p.grid, n);
           acc_t* grad_scores = has_grad_scores ? g.template grad_scores_slab<acc_t>(n) : nullptr;
           const int64_t q_start = p.causal.first_query(k0) / kBlockQ * kBlockQ;
@@ -233,7 +235,7 @@ void backward_kernel(const AttentionGradParams& g) {
               acc_t* ds_row = dscores + i * kBlockK;
               const acc_t lse = lse_all[n * L + q0 + i];
               const acc_t d = delta[n * L + q0 + i];
-              if (lse == kNegInf<acc_t>) {
+              if (attended_nothing(lse)) {
                 std::fill(p_row, p_row + cols, acc_t(0));  // nothing attended: no gradient
                 std::fill(ds_row, ds_row + cols, acc_t(0));
               } else if (p.dropout.active) {
@@ -276,16 +278,38 @@ void backward_kernel(const AttentionGradParams& g) {
   }
 }
 
+// Why the backward does not multiply bf16 tiles as bf16 (Bf16GradProducts), in words; nullptr where it does.
+const char* bf16_grad_products_unavailable(const AttentionParams& p, at::ScalarType dtype) {
+  if (dtype != at::kBFloat16) return "the inputs are not bfloat16";
+  // dP = dO V^T takes Ev as its inner dimension: it pairs up in VNNI layout only when even.
+  if (p.Ev % 2 != 0) return "value's head dim Ev is odd (dP = dO V^T pairs its elements)";
+  return vnni_tiles_unavailable(p);
+}
+
 }  // namespace
 
 void backward_cpu(const AttentionGradParams& g, at::ScalarType dtype) {
-  // dP = dO V^T takes Ev as its inner dimension: it pairs up in VNNI layout only when even.
-  if (dtype == at::kBFloat16 && g.fwd.Ev % 2 == 0 && use_vnni_tiles(g.fwd)) {
+  if (bf16_grad_products_unavailable(g.fwd, dtype) == nullptr) {
     backward_kernel<c10::BFloat16, Bf16GradProducts>(g);
     return;
   }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dtype, "mha_ext_attention_backward_cpu",
                                   [&] { backward_kernel<scalar_t, FloatGradProducts<scalar_t>>(g); });
+}
+
+KernelChoice explain_backward_cpu(const AttentionParams& p, at::ScalarType dtype) {
+  KernelChoice choice;
+  const char* no_bf16 = bf16_grad_products_unavailable(p, dtype);
+  if (no_bf16 == nullptr) {
+    choice.kernel = "bfloat16 tile products on oneDNN's brgemm (AMX / AVX512-BF16), operands packed in VNNI layout";
+    choice.not_taken.emplace_back("float32 tile products", "bfloat16 inputs are multiplied as bfloat16 here");
+  } else {
+    choice.kernel = std::string("float32 tile products on ") + gemm_engine_description();
+    choice.not_taken.emplace_back("bfloat16 tile products", no_bf16);
+  }
+  choice.tiles = std::to_string(kBlockQ) + " query rows x " + std::to_string(kBlockK) + " keys; work items own "
+                 "blocks of key tiles of one kv head (dK, dV), dQ summed from one partial per block";
+  return choice;
 }
 
 }  // namespace mha_ext::cpu

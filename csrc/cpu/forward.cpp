@@ -3,6 +3,8 @@
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 
+#include <string>
+
 #include "cpu/dropout.h"
 #include "cpu/kernels.h"
 #include "cpu/key_tiles.h"
@@ -30,19 +32,20 @@ class FloatTileProducts {
   FloatTileProducts(const AttentionParams& p, int64_t tile_rows)
       : q_buf_(tile_rows * p.E), v_buf_(kBlockK * p.Ev), keys_(p, kBlockK) {}
 
-  void start_query_tile(const HeadView<scalar_t>& head, int64_t q0, int64_t rows) {
+  void start_query_tile(const HeadTiles<scalar_t>& head, int64_t q0, int64_t rows) {
     q_scaled_ = head.scaled_query_rows(q0, rows, q_buf_.data());
     lone_addend_ = head.has_lone_addend();
   }
-  void scores(const HeadView<scalar_t>& head, int64_t q0, int64_t rows, int64_t k0, int64_t cols, acc_t* s) {
+  void scores(const HeadTiles<scalar_t>& head, int64_t q0, int64_t rows, int64_t k0, int64_t cols, acc_t* s) {
     if constexpr (kBf16) {
       if (rows < kBlasMinRows) {
         // Decode: dot products straight from the bf16 key rows, no converted copy of the tile.
         const int64_t key_stride = head.p.key.row_stride;
+        const RowOps& ops = row_ops();  // once, out of the loop over the keys
         for (int64_t i = 0; i < rows; ++i)
           for (int64_t j = 0; j < cols; ++j)
-            s[i * kBlockK + j] = row_ops().dot_bf16(q_scaled_.data + i * q_scaled_.ld,
-                                                    bits(head.k + (k0 + j) * key_stride), head.p.E);
+            s[i * kBlockK + j] = ops.dot_bf16(q_scaled_.data + i * q_scaled_.ld, bits(head.k + (k0 + j) * key_stride),
+                                              head.p.E);
         if (!lone_addend_) head.apply_masks(q0, rows, k0, cols, s, kBlockK);
         return;
       }
@@ -54,7 +57,7 @@ class FloatTileProducts {
       head.score_tile(q0, rows, k0, cols, q_scaled_, keys, s, kBlockK);
     }
   }
-  acc_t row_max_of_scores(const HeadView<scalar_t>& head, int64_t row, int64_t k0, acc_t* s_row, int64_t cols) const {
+  acc_t row_max_of_scores(const HeadTiles<scalar_t>& head, int64_t row, int64_t k0, acc_t* s_row, int64_t cols) const {
     if constexpr (std::is_same_v<acc_t, float>) {
       if (lone_addend_) return head.scale_add_max_row(s_row, row, k0, cols, 1.f);
     }
@@ -67,14 +70,15 @@ class FloatTileProducts {
     drop(s_row);
     return sum;
   }
-  void accumulate_values(const HeadView<scalar_t>& head, int64_t rows, int64_t k0, int64_t cols, const acc_t* s,
+  void accumulate_values(const HeadTiles<scalar_t>& head, int64_t rows, int64_t k0, int64_t cols, const acc_t* s,
                          acc_t* o) {
     if constexpr (kBf16) {
       if (rows < kBlasMinRows) {
         const int64_t value_stride = head.p.value.row_stride, Ev = head.p.Ev;
+        const RowOps& ops = row_ops();
         for (int64_t i = 0; i < rows; ++i)
           for (int64_t j = 0; j < cols; ++j)
-            row_ops().axpy_bf16(Ev, s[i * kBlockK + j], bits(head.v + (k0 + j) * value_stride), o + i * Ev);
+            ops.axpy_bf16(Ev, s[i * kBlockK + j], bits(head.v + (k0 + j) * value_stride), o + i * Ev);
         return;
       }
     }
@@ -108,11 +112,11 @@ class Bf16TileProducts {
                    p.bias_type != AdditiveType::kNone),
         scale_in_exp_(!has_masks_ && !p.dropout.active && scale_ > 0.f) {}
 
-  void start_query_tile(const HeadView<c10::BFloat16>& head, int64_t q0, int64_t) {
+  void start_query_tile(const HeadTiles<c10::BFloat16>& head, int64_t q0, int64_t) {
     q_ = head.q + q0 * head.p.query.row_stride;
     lone_addend_ = head.has_lone_addend();
   }
-  void scores(const HeadView<c10::BFloat16>& head, int64_t q0, int64_t rows, int64_t k0, int64_t cols, float* s) {
+  void scores(const HeadTiles<c10::BFloat16>& head, int64_t q0, int64_t rows, int64_t k0, int64_t cols, float* s) {
     operands_ = tiles_.columns(head, k0, cols);
     gemm_bf16_vnni(rows, cols, head.p.E, q_, head.p.query.row_stride, operands_.keys_t, operands_.keys_ld,
                    /*add_to_c=*/false, s, kBlockK);
@@ -120,7 +124,7 @@ class Bf16TileProducts {
     // with a lone addend the row maximum's pass adds it and the scale: a pass fewer either way.
     if (has_masks_ && !lone_addend_) head.apply_masks(q0, rows, k0, cols, s, kBlockK, scale_);
   }
-  float row_max_of_scores(const HeadView<c10::BFloat16>& head, int64_t row, int64_t k0, float* s_row,
+  float row_max_of_scores(const HeadTiles<c10::BFloat16>& head, int64_t row, int64_t k0, float* s_row,
                           int64_t cols) const {
     if (lone_addend_) return head.scale_add_max_row(s_row, row, k0, cols, scale_);
     // Rounding is monotonic: with scale > 0, max(scale * s) = scale * max(s) exactly.
@@ -141,7 +145,7 @@ class Bf16TileProducts {
     if (cols % 2 != 0) p_row[cols] = 0;  // the pad column of the even inner dimension
     return sum;
   }
-  void accumulate_values(const HeadView<c10::BFloat16>& head, int64_t rows, int64_t, int64_t cols, const float*,
+  void accumulate_values(const HeadTiles<c10::BFloat16>& head, int64_t rows, int64_t, int64_t cols, const float*,
                          float* o) {
     gemm_bf16_vnni(rows, head.p.Ev, cols + cols % 2, probs_.data(), kBlockK, operands_.values, head.p.Ev,
                    /*add_to_c=*/true, o, head.p.Ev);
@@ -166,16 +170,15 @@ struct QueryTiling {
 };
 
 // A kv head's K and V, in the accumulation type, above this size stream from L3 for every query tile when
-// there is more than one key tile (this machine's L2 is 2 MiB).
+// there is more than one key tile (half of a 2 MiB L2).
 constexpr int64_t kCachedKeyValueBytes = int64_t(1) << 20;
 constexpr int64_t kWideTileHeadDim = 256;
 
 // 64-row tiles by default. Float products at head dims from 256 without causality take 256-row tiles:
 // the larger row count amortises each product's pass over its 0.5-1 MB K^T / V operand (MKL packs it per
-// call, brgemm re-reads it from L2 per row block): -6-9 % at E = 256 and 512 here; causal 256-row
-// tiles would compute too much of their diagonal's upper triangle (+16-20 %). Where K and V leave L2
-// (above), a work item takes 4 query tiles through each key tile in turn, reading them a quarter as often:
-// -4-9 % for E = 128 at S = 2048 and -6 % for E = 64 at S = 8192; each tile keeps its own causal span.
+// call, brgemm re-reads it from L2 per row block); causal 256-row tiles would compute too much of their
+// diagonal's upper triangle. Where K and V leave L2 (above), a work item takes 4 query tiles through each
+// key tile in turn, reading them a quarter as often; each tile keeps its own causal span.
 QueryTiling choose_query_tiling(const AttentionParams& p, bool float_products, int64_t acc_bytes) {
   if (float_products && !p.causal.active && std::max(p.E, p.Ev) >= kWideTileHeadDim) return {4 * kBlockQ, 1};
   if (p.S > kBlockK && p.S * (p.E + p.Ev) * acc_bytes > kCachedKeyValueBytes) return {kBlockQ, 4};
@@ -199,8 +202,8 @@ void forward_kernel(const AttentionParams& p) {
     for (int64_t item = begin; item < end; ++item) {
       const int64_t n = item / q_groups, g0 = (item % q_groups) * group_rows;
       const int64_t g_rows = std::min(group_rows, L - g0);
-      const HeadView<scalar_t> head(p, n);
-      std::fill(row_max_buf.data(), row_max_buf.data() + g_rows, kNegInf<acc_t>);
+      const HeadTiles<scalar_t> head(p, n);
+      std::fill(row_max_buf.data(), row_max_buf.data() + g_rows, neg_inf<acc_t>());
       std::fill(row_sum_buf.data(), row_sum_buf.data() + g_rows, acc_t(0));
       std::fill(acc.data(), acc.data() + g_rows * Ev, acc_t(0));
 
@@ -222,21 +225,20 @@ void forward_kernel(const AttentionParams& p) {
           products.scores(head, q0, rows, k0, cols, s);
           for (int64_t i = 0; i < rows; ++i) {
             acc_t* s_row = s + i * kBlockK;
-            const acc_t new_max = std::max(m[i], products.row_max_of_scores(head, q0 + i, k0, s_row, cols));
-            const acc_t shift = safe_shift(new_max);
-            const acc_t rescale = m[i] == kNegInf<acc_t> ? acc_t(0) : std::exp(m[i] - shift);
+            const SoftmaxUpdate<acc_t> update =
+                online_softmax_update(m[i], products.row_max_of_scores(head, q0 + i, k0, s_row, cols));
             // The normaliser sums the probabilities before dropout; only the values' weights are dropped.
             const acc_t tile_sum =
                 p.dropout.active
-                    ? products.probabilities(s_row, i, cols, shift,
+                    ? products.probabilities(s_row, i, cols, update.shift,
                                              [&](acc_t* row) { apply_dropout_row(p.dropout, n, q0 + i, k0, cols, row); })
-                    : products.probabilities(s_row, i, cols, shift, NoDropout{});
-            if (rescale != acc_t(1)) {
+                    : products.probabilities(s_row, i, cols, update.shift, NoDropout{});
+            if (update.rescale != acc_t(1)) {
               acc_t* o_row = o + i * Ev;
-              for (int64_t e = 0; e < Ev; ++e) o_row[e] *= rescale;
+              for (int64_t e = 0; e < Ev; ++e) o_row[e] *= update.rescale;
             }
-            l[i] = l[i] * rescale + tile_sum;
-            m[i] = new_max;
+            l[i] = l[i] * update.rescale + tile_sum;
+            m[i] = update.max;
           }
           products.accumulate_values(head, rows, k0, cols, s, o);
         }
@@ -248,27 +250,57 @@ void forward_kernel(const AttentionParams& p) {
       const acc_t* l = row_sum_buf.data();
       const acc_t* o = acc.data();
       for (int64_t i = 0; i < g_rows; ++i) {
-        // A row with nothing to attend to has l == 0: its output is 0 and its LSE -inf. A NaN l (an inf or
-        // NaN among the scores) stays NaN in both, as torch's does.
-        const acc_t inv = l[i] == acc_t(0) ? acc_t(0) : acc_t(1) / l[i];
-        for (int64_t e = 0; e < Ev; ++e) out[i * Ev + e] = static_cast<scalar_t>(o[i * Ev + e] * inv);
-        lse[i] = l[i] == acc_t(0) ? kNegInf<acc_t> : m[i] + std::log(l[i]);
+        const acc_t scale = output_scale(l[i]);
+        for (int64_t e = 0; e < Ev; ++e) out[i * Ev + e] = static_cast<scalar_t>(o[i * Ev + e] * scale);
+        lse[i] = row_lse(m[i], l[i]);
       }
     }
     products.finish();
   });
 }
 
+// Why the forward does not multiply bf16 tiles as bf16 (Bf16TileProducts), in words; nullptr where it does.
+const char* bf16_products_unavailable(const AttentionParams& p, at::ScalarType dtype) {
+  if (dtype != at::kBFloat16) return "the inputs are not bfloat16";
+  // Decode-sized queries (fewer than kBlasMinRows rows) stream K and V once instead of packing them.
+  if (p.L < kBlasMinRows) return "a decode-sized query (L < 4) reads K and V once, unpacked";
+  return vnni_tiles_unavailable(p);
+}
+
 }  // namespace
 
 void forward_cpu(const AttentionParams& p, at::ScalarType dtype) {
-  // Decode-sized queries (fewer than kBlasMinRows rows) stream K and V once instead of packing them.
-  if (dtype == at::kBFloat16 && p.L >= kBlasMinRows && use_vnni_tiles(p)) {
+  if (bf16_products_unavailable(p, dtype) == nullptr) {
     forward_kernel<c10::BFloat16, Bf16TileProducts>(p);
     return;
   }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dtype, "mha_ext_attention_forward_cpu",
                                   [&] { forward_kernel<scalar_t, FloatTileProducts<scalar_t>>(p); });
+}
+
+KernelChoice explain_forward_cpu(const AttentionParams& p, at::ScalarType dtype) {
+  KernelChoice choice;
+  const char* no_bf16 = bf16_products_unavailable(p, dtype);
+  const bool decode = p.L < kBlasMinRows;
+  if (no_bf16 == nullptr) {
+    choice.kernel = "bfloat16 tile products on oneDNN's brgemm (AMX / AVX512-BF16), K^T and V packed in VNNI layout";
+  } else if (decode) {
+    choice.kernel = "decode: vectorised dot products and row updates over the K/V rows, which are read once";
+  } else {
+    choice.kernel = std::string("float32 tile products on ") + gemm_engine_description() +
+                    (dtype == at::kFloat || dtype == at::kDouble ? "" : ", 16-bit inputs widened to float32");
+  }
+  const QueryTiling tiling = choose_query_tiling(p, no_bf16 != nullptr, dtype == at::kDouble ? 8 : 4);
+  choice.tiles = std::to_string(tiling.tile_rows) + " query rows x " + std::to_string(kBlockK) + " keys, " +
+                 std::to_string(tiling.tiles_per_item) + " query tile(s) per work item; key tiles that causality "
+                 "or the bool mask leave empty are skipped, the rest trimmed to 32-key chunks";
+  if (no_bf16 != nullptr) {
+    choice.not_taken.emplace_back("bfloat16 tile products", no_bf16);
+  } else {
+    choice.not_taken.emplace_back("float32 tile products", "bfloat16 inputs are multiplied as bfloat16 here");
+  }
+  if (!decode) choice.not_taken.emplace_back("decode path", "L >= 4: tiles are packed once and multiplied by GEMMs");
+  return choice;
 }
 
 }  // namespace mha_ext::cpu

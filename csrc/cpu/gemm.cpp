@@ -1,4 +1,5 @@
 #include "cpu/gemm.h"
+#include "attention/settings.h"
 #include "cpu/row_ops.h"
 #include "cpu/vec_dot.h"
 
@@ -24,12 +25,7 @@ namespace mha_ext::cpu {
 namespace {
 
 bool use_blas() {
-  static const bool value = [] {
-    const char* env = std::getenv("MHA_EXT_CPU_GEMM");
-    if (env != nullptr && std::strcmp(env, "native") == 0) return false;
-    return sgemm_ != nullptr && dgemm_ != nullptr;
-  }();
-  return value;
+  return kernel_settings().cpu_gemm == CpuGemm::kBlas && sgemm_ != nullptr && dgemm_ != nullptr;
 }
 
 bool fits_int(int64_t v) { return v >= 0 && v <= INT_MAX; }
@@ -47,24 +43,25 @@ void scale_rows(int64_t M, int64_t N, T beta, T* C, int64_t ldc) {
 }
 
 // c[0:n] += a * b[0:n] and sum(a[0:n] * b[0:n]): float ones in the row passes' ISA (AVX-512 where present).
-inline void axpy(int64_t n, float a, const float* b, float* c) { row_ops().axpy(n, a, b, c); }
-inline void axpy(int64_t n, double a, const double* b, double* c) { vec_axpy(n, a, b, c); }
-inline float dot(int64_t n, const float* a, const float* b) { return row_ops().dot(a, b, n); }
-inline double dot(int64_t n, const double* a, const double* b) { return vec_dot(n, a, b); }
+inline void axpy(const RowOps& ops, int64_t n, float a, const float* b, float* c) { ops.axpy(n, a, b, c); }
+inline void axpy(const RowOps&, int64_t n, double a, const double* b, double* c) { vec_axpy(n, a, b, c); }
+inline float dot(const RowOps& ops, int64_t n, const float* a, const float* b) { return ops.dot(a, b, n); }
+inline double dot(const RowOps&, int64_t n, const double* a, const double* b) { return vec_dot(n, a, b); }
 
 template <typename T>
 void native_gemm(Trans ta, Trans tb, int64_t M, int64_t N, int64_t K, T alpha, const T* A, int64_t lda,
                  const T* B, int64_t ldb, T beta, T* C, int64_t ldc) {
   scale_rows(M, N, beta, C, ldc);
+  const RowOps& ops = row_ops();  // once, out of the loops
   if (ta == Trans::kNo && tb == Trans::kYes) {
     for (int64_t i = 0; i < M; ++i)
-      for (int64_t j = 0; j < N; ++j) C[i * ldc + j] += alpha * dot(K, A + i * lda, B + j * ldb);
+      for (int64_t j = 0; j < N; ++j) C[i * ldc + j] += alpha * dot(ops, K, A + i * lda, B + j * ldb);
   } else if (ta == Trans::kNo && tb == Trans::kNo) {
     for (int64_t i = 0; i < M; ++i)
-      for (int64_t k = 0; k < K; ++k) axpy(N, alpha * A[i * lda + k], B + k * ldb, C + i * ldc);
+      for (int64_t k = 0; k < K; ++k) axpy(ops, N, alpha * A[i * lda + k], B + k * ldb, C + i * ldc);
   } else if (ta == Trans::kYes && tb == Trans::kNo) {
     for (int64_t k = 0; k < K; ++k)
-      for (int64_t i = 0; i < M; ++i) axpy(N, alpha * A[k * lda + i], B + k * ldb, C + i * ldc);
+      for (int64_t i = 0; i < M; ++i) axpy(ops, N, alpha * A[k * lda + i], B + k * ldb, C + i * ldc);
   } else {
     TORCH_CHECK(false, "mha_ext internal error: gemm(T, T) is not implemented");
   }
@@ -95,8 +92,7 @@ bool try_blas(Blas* blas, Trans ta, Trans tb, int64_t M, int64_t N, int64_t K, T
 }
 
 // brgemm is a micro-kernel without cache blocking: with both K and N large (head dims of 512) it streams its
-// B panel from L2 for every row block, and MKL's blocked SGEMM is faster (E = 512 forward: 0.84 -> 1.03 x
-// torch here); at head dims up to 128 brgemm is ~5 % faster.
+// B panel from L2 for every row block, where MKL's blocked SGEMM does not; below that brgemm is faster.
 constexpr int64_t kBrgemmMaxInnerAndColumns = 256;
 
 // Untransposed float products go to torch's batch-reduce GEMM (oneDNN's brgemm micro-kernels), which runs
@@ -170,17 +166,25 @@ bool bf16_vnni_self_test() {
 
 }  // namespace
 
-bool bf16_vnni_available() {
-  if (!use_blas() || !at::globalContext().userEnabledMkldnn()) return false;
-  // AMX (could_pack) or AVX512-BF16: oneDNN's bf16 micro-kernels then beat widening tiles to fp32 (2x here
-  // without AMX); on older AVX-512 CPUs oneDNN would emulate bf16 dot products.
-  static const bool passed =
-      (at::native::cpublas::could_pack(at::kBFloat16) || cpu_has_avx512_bf16()) && bf16_vnni_self_test();
-  return passed;
+const char* bf16_vnni_unavailable() {
+  if (!use_blas()) return "cpu_gemm is 'native': the built-in products widen bfloat16 to float32";
+  if (!at::globalContext().userEnabledMkldnn()) return "oneDNN is off (torch.backends.mkldnn.enabled is False)";
+  // AMX (could_pack) or AVX512-BF16: oneDNN's bf16 micro-kernels then beat widening tiles to fp32; on older
+  // AVX-512 CPUs oneDNN would emulate bf16 dot products.
+  static const bool has_isa = at::native::cpublas::could_pack(at::kBFloat16) || cpu_has_avx512_bf16();
+  if (!has_isa) return "this CPU has neither AMX nor AVX512-BF16, which oneDNN's bfloat16 products need";
+  static const bool passed = bf16_vnni_self_test();
+  return passed ? nullptr : "oneDNN's bfloat16 product failed its self-test on this CPU";
 }
+
+bool bf16_vnni_available() { return bf16_vnni_unavailable() == nullptr; }
 
 void release_tile_state() { at::native::cpublas::brgemm_release(/*is_vnni=*/true); }
 
 const char* gemm_engine() { return use_blas() ? "blas" : "native"; }
+
+const char* gemm_engine_description() {
+  return use_blas() ? "oneDNN's brgemm and the BLAS torch links" : "the built-in vectorised GEMM";
+}
 
 }  // namespace mha_ext::cpu

@@ -30,16 +30,21 @@ void gemm(Trans trans_a, Trans trans_b, int64_t M, int64_t N, int64_t K, double 
 void gemm_bf16_vnni(int64_t M, int64_t N, int64_t K, const c10::BFloat16* A, int64_t lda, const c10::BFloat16* B,
                     int64_t ldb, bool add_to_c, float* C, int64_t ldc);
 
-// Whether gemm_bf16_vnni runs in this process now: torch's GEMMs in use (not MHA_EXT_CPU_GEMM=native),
-// oneDNN enabled (torch.backends.mkldnn, checked per call), and a self-test product on first use gave the
-// right numbers (where the CPU lacks AMX, torch's fallback would misread the VNNI layout).
+// Whether gemm_bf16_vnni runs in this process now: torch's GEMMs in use (setting cpu_gemm "blas"), oneDNN
+// enabled (torch.backends.mkldnn, checked per call), the CPU has AMX or AVX512-BF16, and a self-test product on
+// first use gave the right numbers (where the CPU lacks AMX, torch's fallback would misread the VNNI layout).
 bool bf16_vnni_available();
+// Why not, in words; nullptr where it is available.
+const char* bf16_vnni_unavailable();
 
 // Gives back the AMX tile state a thread's gemm_bf16_vnni calls configured; call at the end of a parallel
 // region's work.
 void release_tile_state();
 
-// "blas" (brgemm + BLAS, as above) or "native": which engines gemm() uses in this process.
+// "blas" (brgemm + BLAS, as above) or "native": which engines gemm() uses now (setting cpu_gemm, and whether
+// the BLAS torch links is there).
 const char* gemm_engine();
+// The same, in words (mha_ext.explain).
+const char* gemm_engine_description();
 
 }  // namespace mha_ext::cpu

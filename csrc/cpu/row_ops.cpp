@@ -1,14 +1,13 @@
 // The AVX2 row passes (at::vec, compiled with the kernels' flags) and the choice between them and the
 // AVX-512 ones.
 #include "cpu/row_ops.h"
+#include "attention/settings.h"
 #include "cpu/vec_dot.h"
 
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 
 #include <cmath>
-#include <cstdlib>
-#include <cstring>
 #include <limits>
 
 namespace mha_ext::cpu {
@@ -98,19 +97,17 @@ constexpr RowOps kAvx2RowOps{kBaseIsa, max_avx2, scale_max_avx2, scale_add_max_a
                               exp_shifted_sum_avx2, exp_shifted_sum_bf16_avx2, to_bf16_avx2,
                               dot_avx2, dot_bf16_avx2, axpy_avx2, axpy_bf16_avx2, softmax_grad_avx2};
 
-const RowOps& choose_row_ops() {
-  const char* env = std::getenv("MHA_EXT_CPU_ISA");
-  const bool force_avx2 = env != nullptr && std::strcmp(env, "avx2") == 0;
-  const bool without_bf16 = env != nullptr && std::strcmp(env, "avx512") == 0;
-  const RowOps* wide = force_avx2 ? nullptr : avx512_row_ops(!without_bf16);
-  return wide != nullptr ? *wide : kAvx2RowOps;
-}
-
 }  // namespace
 
 const RowOps& row_ops() {
-  static const RowOps& ops = choose_row_ops();
-  return ops;
+  // The passes for each setting of cpu_isa, looked up once (AVX-512 falls back to AVX2 on CPUs without it);
+  // the setting itself is read per call, a load next to the pass over a row.
+  static const RowOps* const passes[] = {
+      avx512_row_ops(true) != nullptr ? avx512_row_ops(true) : &kAvx2RowOps,  // CpuIsa::kWidest
+      &kAvx2RowOps,                                                            // CpuIsa::kAvx2
+      avx512_row_ops(false) != nullptr ? avx512_row_ops(false) : &kAvx2RowOps,  // CpuIsa::kAvx512
+  };
+  return *passes[static_cast<int>(cpu_isa_setting())];
 }
 
 }  // namespace mha_ext::cpu

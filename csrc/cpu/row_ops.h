@@ -1,8 +1,8 @@
 // The float row passes of the softmax (row maximum, shifted exponentials, the softmax gradient), in the
 // widest vector ISA this CPU has: AVX-512 where present, else AVX2. The kernels are compiled for AVX2, so
-// the AVX-512 versions live in their own file with per-function target attributes and are picked once, at
-// run time, with AVX512-BF16's conversion instruction where present (MHA_EXT_CPU_ISA=avx2 forces the AVX2
-// versions, MHA_EXT_CPU_ISA=avx512 AVX-512 without the BF16 instructions).
+// the AVX-512 versions live in their own file with per-function target attributes and are picked at run
+// time, with AVX512-BF16's conversion instruction where present (setting cpu_isa, attention/settings.h:
+// "avx2" forces the AVX2 versions, "avx512" AVX-512 without the BF16 instructions).
 #pragma once
 
 #include <cstdint>

@@ -46,9 +46,11 @@ inline void transpose_pairs(int64_t rows, int64_t cols, const c10::BFloat16* src
   transpose32(rows, cols / 2, src, ld_src * sizeof(c10::BFloat16), dst, ld_dst * kPairBytes);
 }
 
-// Whether the kernels can take bf16 inputs through the VNNI tile products: E even (K^T pairs its
-// elements), and the CPU and torch run them (bf16_vnni_available).
-inline bool use_vnni_tiles(const AttentionParams& p) { return p.E % 2 == 0 && bf16_vnni_available(); }
+// Why the kernels cannot take bf16 inputs through the VNNI tile products, in words; nullptr where they can:
+// E even (K^T pairs its elements), and the CPU and torch run them (bf16_vnni_available).
+inline const char* vnni_tiles_unavailable(const AttentionParams& p) {
+  return p.E % 2 != 0 ? "the head dim E is odd (the VNNI layout pairs its elements)" : bf16_vnni_unavailable();
+}
 
 class VnniKeyValueTiles {
  public:

@@ -27,7 +27,7 @@ void weights_kernel(const AttentionParams& p, scalar_t* weights) {
     for (int64_t item = begin; item < end; ++item) {
       const int64_t n = item / q_tiles, q0 = (item % q_tiles) * kBlockQ;
       const int64_t rows = std::min(kBlockQ, L - q0);
-      const HeadView<scalar_t> head(p, n);
+      const HeadTiles<scalar_t> head(p, n);
       const auto q_scaled = head.scaled_query_rows(q0, rows, q_buf.data());
       for (int64_t tile_k0 = 0; tile_k0 < S; tile_k0 += kBlockK) {
         const ColumnSpan span = head.active_columns(q0, rows, tile_k0, std::min(kBlockK, S - tile_k0));
@@ -36,7 +36,7 @@ void weights_kernel(const AttentionParams& p, scalar_t* weights) {
         head.score_tile(q0, rows, k0, cols, q_scaled, keys.columns(head, k0, cols, rows), s, kBlockK);
         for (int64_t i = 0; i < rows; ++i) {
           const acc_t lse = lse_all[n * L + q0 + i];
-          if (lse == kNegInf<acc_t>) continue;  // nothing attended: the row stays 0
+          if (attended_nothing(lse)) continue;  // the row stays 0
           acc_t* s_row = s + i * kBlockK;
           exp_shifted_sum(s_row, cols, lse);
           scalar_t* w = weights + (n * L + q0 + i) * S + k0;

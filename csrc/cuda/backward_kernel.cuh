@@ -10,6 +10,7 @@
 
 #include <algorithm>
 
+#include "attention/online_softmax.h"
 #include "cuda/kernel_traits.cuh"
 #include "cuda/launch_kernel.cuh"
 #include "cuda/static_switch.h"
@@ -46,17 +47,17 @@ struct ProbAndGrad {
 
 // For one in-bounds (query row, key row) pair of batch-head n, given dot_qk = q . k and dot_dov = dO . v.
 template <typename scalar_t, typename acc_t>
-__device__ __forceinline__ ProbAndGrad<acc_t> prob_and_grad_from_dots(const HeadView<scalar_t>& head, int64_t n,
+__device__ __forceinline__ ProbAndGrad<acc_t> prob_and_grad_from_dots(const HeadScores<scalar_t>& head, int64_t n,
                                                                       int64_t row, int64_t col, acc_t dot_qk,
                                                                       acc_t dot_dov, acc_t lse, acc_t delta) {
-  const acc_t prob = lse == neg_inf<acc_t>() ? acc_t(0) : exp_acc(head.score(row, col, dot_qk) - lse);
+  const acc_t prob = probability(head.score(row, col, dot_qk), lse);
   const acc_t factor = dropout_factor<acc_t>(head.p.dropout, n, row, col);
   return {prob * factor, prob * (factor * dot_dov - delta)};
 }
 
 // prob_and_grad_from_dots from the pair's rows in shared memory.
 template <typename scalar_t, typename acc_t>
-__device__ __forceinline__ ProbAndGrad<acc_t> prob_and_grad(const HeadView<scalar_t>& head, int64_t n, int64_t row,
+__device__ __forceinline__ ProbAndGrad<acc_t> prob_and_grad(const HeadScores<scalar_t>& head, int64_t n, int64_t row,
                                                             int64_t col, const acc_t* q_row, const acc_t* k_row, int E,
                                                             const acc_t* grad_out_row, const acc_t* v_row, int Ev,
                                                             acc_t lse, acc_t delta) {
@@ -90,14 +91,14 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t G = p.grid.group;
   for (int64_t item = blockIdx.x; item < key_tile_items<kBlockK>(p); item += gridDim.x) {
     const auto [m, k0, cols] = key_tile<kBlockK>(p, item);
-    const HeadView<scalar_t> kv_head(p, m * G);
+    const HeadScores<scalar_t> kv_head(p, m * G);
     __syncthreads();  // the previous item is done with shared memory
     load_rows(k_tile, ld_qk, kv_head.k + k0 * p.key.row_stride, p.key.row_stride, cols, kBlockK, E);
     load_rows(v_tile, ld_v, kv_head.v + k0 * p.value.row_stride, p.value.row_stride, cols, kBlockK, Ev);
     zero_rows(grad_k, ld_qk, kBlockK, E);
     zero_rows(grad_v, ld_v, kBlockK, Ev);
 
-    for_each_query_tile<kBlockQ, scalar_t>(p, m, k0, cols, [&](int64_t n, const HeadView<scalar_t>& head,
+    for_each_query_tile<kBlockQ, scalar_t>(p, m, k0, cols, [&](int64_t n, const HeadScores<scalar_t>& head,
                                                               int64_t q0, int rows) {
       const scalar_t* grad_out = g.grad_out.ptr<scalar_t>(p.grid, n);
       load_rows(q_tile, ld_qk, head.q + q0 * p.query.row_stride, p.query.row_stride, rows, kBlockQ, E);
@@ -169,7 +170,7 @@ __global__ void __launch_bounds__(kThreads)
 
   for (int64_t item = blockIdx.x; item < query_tile_items<kBlockQ>(p); item += gridDim.x) {
     const auto [n, q0, rows] = query_tile<kBlockQ>(p, item);
-    const HeadView<scalar_t> head(p, n);
+    const HeadScores<scalar_t> head(p, n);
     const scalar_t* grad_out = g.grad_out.ptr<scalar_t>(p.grid, n);
     // One slab per batch-head here (GradScoresLayout::kPerBatchHead): blocks never write the same element.
     acc_t* grad_scores_slab = g.grad_scores.data != nullptr ? g.grad_scores_slab<acc_t>(n) : nullptr;

@@ -3,4 +3,5 @@
 
 namespace mha_ext::cuda {
 template bool try_backward_tensor_cores<c10::Half>(const AttentionGradParams&);
+template std::string backward_tensor_cores_unavailable<c10::Half>(const AttentionParams&);
 }  // namespace mha_ext::cuda

@@ -51,7 +51,7 @@ struct BackwardTilePair {
         delta(shared_region<float>(layout.delta)) {}
 
   // Rows [q0, q0 + rows) of batch-head n: Q and dO zero-padded to kBlockQ rows, LSE and delta.
-  __device__ void load_queries(const HeadView<scalar_t>& head, int64_t n, int64_t q0, int rows,
+  __device__ void load_queries(const HeadScores<scalar_t>& head, int64_t n, int64_t q0, int rows,
                                const float* delta_all) const {
     const AttentionParams& p = g.fwd;
     load_operand_tile(q, layout.ld_qk, head.q + q0 * p.query.row_stride, p.query.row_stride, rows, kBlockQ, dims.E);
@@ -62,7 +62,7 @@ struct BackwardTilePair {
   }
 
   // Key rows [k0, k0 + cols) of `head`'s K and V, zero-padded to kBlockK rows.
-  __device__ void load_keys(const HeadView<scalar_t>& head, int64_t k0, int cols) const {
+  __device__ void load_keys(const HeadScores<scalar_t>& head, int64_t k0, int cols) const {
     const AttentionParams& p = g.fwd;
     load_operand_tile(k, layout.ld_qk, head.k + k0 * p.key.row_stride, p.key.row_stride, cols, kBlockK, dims.E);
     load_operand_tile(v, layout.ld_v, head.v + k0 * p.value.row_stride, p.value.row_stride, cols, kBlockK, dims.Ev);
@@ -77,7 +77,7 @@ struct BackwardTilePair {
   }
 
   // P and dS of the pair's row i and key j (both in bounds), in fp32.
-  __device__ ProbAndGrad<float> prob_and_grad(const HeadView<scalar_t>& head, int64_t n, int64_t q0, int64_t k0,
+  __device__ ProbAndGrad<float> prob_and_grad(const HeadScores<scalar_t>& head, int64_t n, int64_t q0, int64_t k0,
                                               int i, int j) const {
     const int at = i * layout.ld_scores + j;
     return prob_and_grad_from_dots(head, n, q0 + i, k0 + j, scores[at], grad_probs[at], lse[i], delta[i]);
@@ -108,11 +108,11 @@ __global__ void __launch_bounds__(kThreads)
     const auto [m, k0, cols] = key_tile<kBlockK>(p, item);
     const int key_tiles = static_cast<int>(ceil_div(cols, kMmaTile));
     __syncthreads();  // the previous item is done with shared memory
-    pair.load_keys(HeadView<scalar_t>(p, m * p.grid.group), k0, cols);
+    pair.load_keys(HeadScores<scalar_t>(p, m * p.grid.group), k0, cols);
     zero_rows(grad_k, layout.ld_grad_qk, kBlockK, dims.e_tiles * kMmaTile);
     zero_rows(grad_v, layout.ld_grad_v, kBlockK, dims.ev_tiles * kMmaTile);
 
-    for_each_query_tile<kBlockQ, scalar_t>(p, m, k0, cols, [&](int64_t n, const HeadView<scalar_t>& head,
+    for_each_query_tile<kBlockQ, scalar_t>(p, m, k0, cols, [&](int64_t n, const HeadScores<scalar_t>& head,
                                                               int64_t q0, int rows) {
       const int query_tiles = static_cast<int>(ceil_div(rows, kMmaTile));
       pair.load_queries(head, n, q0, rows, delta_all);
@@ -169,7 +169,7 @@ __global__ void __launch_bounds__(kThreads)
   for (int64_t item = blockIdx.x; item < query_tile_items<kBlockQ>(p); item += gridDim.x) {
     const auto [n, q0, rows] = query_tile<kBlockQ>(p, item);
     const int query_tiles = static_cast<int>(ceil_div(rows, kMmaTile));
-    const HeadView<scalar_t> head(p, n);
+    const HeadScores<scalar_t> head(p, n);
     // One slab per batch-head here (GradScoresLayout::kPerBatchHead): blocks never write the same element.
     float* grad_scores_slab = g.grad_scores.data != nullptr ? g.grad_scores_slab<float>(n) : nullptr;
     __syncthreads();  // the previous item is done with shared memory
@@ -210,6 +210,18 @@ __global__ void __launch_bounds__(kThreads)
 #endif
 }
 
+// Why the tensor-core backward's two kernels for head dims up to kHeadDim cannot launch, in words; empty
+// where they can.
+template <typename scalar_t, int kHeadDim>
+std::string backward_tensor_cores_unavailable_for(const AttentionParams& p) {
+  using KeyTraits = BackwardTensorCoreTraits<KeyGradTensorCoreSmem, kHeadDim>;
+  using QueryTraits = BackwardTensorCoreTraits<QueryGradTensorCoreSmem, kHeadDim>;
+  const int E = static_cast<int>(p.E), Ev = static_cast<int>(p.Ev);
+  // Both kernels are built for the same targets: the key kernel's image answers for the pair.
+  return tensor_core_launch_unavailable(key_grad_tensor_core_kernel<scalar_t, KeyTraits>,
+                                        std::max(KeyTraits::smem_bytes(E, Ev), QueryTraits::smem_bytes(E, Ev)));
+}
+
 template <typename scalar_t, int kHeadDim>
 bool launch_backward_tensor_cores(const AttentionGradParams& g) {
   using KeyTraits = BackwardTensorCoreTraits<KeyGradTensorCoreSmem, kHeadDim>;
@@ -219,7 +231,7 @@ bool launch_backward_tensor_cores(const AttentionGradParams& g) {
   const AttentionParams& p = g.fwd;
   const int E = static_cast<int>(p.E), Ev = static_cast<int>(p.Ev);
   const size_t key_smem = KeyTraits::smem_bytes(E, Ev), query_smem = QueryTraits::smem_bytes(E, Ev);
-  if (!has_sm80_image(key_kernel) || !shared_memory_fits(std::max(key_smem, query_smem))) return false;
+  if (!backward_tensor_cores_unavailable_for<scalar_t, kHeadDim>(p).empty()) return false;
   const at::Tensor delta = run_delta<scalar_t>(g);
   const float* delta_ptr = delta.data_ptr<float>();
   launch_kernel(key_kernel, key_tile_items<KeyTraits::kBlockK>(p), key_smem, g, delta_ptr);
@@ -231,6 +243,12 @@ template <typename scalar_t>
 bool try_backward_tensor_cores(const AttentionGradParams& g) {
   return MHA_HEADDIM_SWITCH(std::max(g.fwd.E, g.fwd.Ev), kHeadDim,
                             [&] { return launch_backward_tensor_cores<scalar_t, kHeadDim>(g); });
+}
+
+template <typename scalar_t>
+std::string backward_tensor_cores_unavailable(const AttentionParams& p) {
+  return MHA_HEADDIM_SWITCH(std::max(p.E, p.Ev), kHeadDim,
+                            [&] { return backward_tensor_cores_unavailable_for<scalar_t, kHeadDim>(p); });
 }
 
 }  // namespace mha_ext::cuda

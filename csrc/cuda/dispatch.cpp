@@ -1,19 +1,14 @@
 // Which kernel runs each op for a runtime input dtype. Plain C++, kept apart from register.cpp so that the
 // CPU emulator of the tests (tests/cuda_emulator) runs the same choice.
-#include <cstdlib>
-#include <cstring>
-
+#include "attention/settings.h"
 #include "cuda/launch.h"
 #include "cuda/static_switch.h"
 
 namespace mha_ext::cuda {
 namespace {
 
-// MHA_EXT_CUDA_TENSOR_CORES=0 keeps fp16/bf16 on the CUDA-core kernels, to compare the two paths.
-bool tensor_cores_allowed() {
-  const char* value = std::getenv("MHA_EXT_CUDA_TENSOR_CORES");
-  return value == nullptr || std::strcmp(value, "0") != 0;
-}
+// Setting cuda_tensor_cores "off" keeps fp16/bf16 on the CUDA-core kernels, to compare the two paths.
+bool tensor_cores_allowed() { return kernel_settings().cuda_tensor_cores; }
 
 }  // namespace
 
@@ -38,5 +33,9 @@ void dispatch_backward(const AttentionGradParams& g, at::ScalarType dtype) {
 void dispatch_weights(const AttentionParams& p, at::ScalarType dtype, void* weights) {
   MHA_DTYPE_SWITCH(dtype, scalar_t, [&] { run_weights<scalar_t>(p, weights); });
 }
+
+const Backend kCudaBackend{"cuda",      dispatch_forward, dispatch_backward, dispatch_weights,
+                           run_dropout_mask, explain_cuda, GradScoresLayout::kPerBatchHead,
+                           /*grad_scores_zeros=*/nullptr, kMaxHeadDim};
 
 }  // namespace mha_ext::cuda

@@ -1,10 +1,11 @@
 // Fused attention forward: each work item is one (batch-head, query tile). It streams the key/value
 // tiles through an online softmax held in shared memory, so extra memory is O(tile), never O(L x S).
-// Mirrors csrc/cpu/forward.cpp: rows with nothing to attend give output 0 and LSE -inf.
+// Mirrors csrc/cpu/forward.cpp; the softmax's rules are attention/online_softmax.h's.
 #pragma once
 
 #include <algorithm>
 
+#include "attention/online_softmax.h"
 #include "cuda/kernel_traits.cuh"
 #include "cuda/launch_kernel.cuh"
 #include "cuda/static_switch.h"
@@ -33,7 +34,7 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(const __grid_constant
 
   for (int64_t item = blockIdx.x; item < query_tile_items<kBlockQ>(p); item += gridDim.x) {
     const auto [n, q0, rows] = query_tile<kBlockQ>(p, item);
-    const HeadView<scalar_t> head(p, n);
+    const HeadScores<scalar_t> head(p, n);
     __syncthreads();  // the previous item is done with shared memory
     load_rows(q_tile, ld_qk, head.q + q0 * p.query.row_stride, p.query.row_stride, rows, kBlockQ, E);
     zero_rows(out_acc, ld_v, kBlockQ, Ev);
@@ -62,24 +63,19 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(const __grid_constant
         acc_t* s_row = scores + i * ld_s;
         acc_t tile_max = neg_inf<acc_t>();
         for (int j = lane; j < kBlockK; j += kWarpSize) tile_max = max_acc(tile_max, s_row[j]);
-        tile_max = warp_max(tile_max);
-        const acc_t old_max = row_max[i];
-        const acc_t new_max = max_acc(old_max, tile_max);
-        // A row whose maximum is -inf has nothing to attend: shifting by 0 keeps exp() at 0, not NaN.
-        const acc_t shift = new_max == neg_inf<acc_t>() ? acc_t(0) : new_max;
-        const acc_t factor = old_max == neg_inf<acc_t>() ? acc_t(0) : exp_acc(old_max - shift);
+        const SoftmaxUpdate<acc_t> update = online_softmax_update(row_max[i], warp_max(tile_max));
         acc_t tile_sum = 0;
         for (int j = lane; j < kBlockK; j += kWarpSize) {
-          const acc_t e = exp_acc(s_row[j] - shift);
+          const acc_t e = exp_acc(s_row[j] - update.shift);
           tile_sum += e;  // the normaliser sums the probabilities before dropout
           s_row[j] = e * dropout_factor<acc_t>(p.dropout, n, q0 + i, k0 + j);
         }
         tile_sum = warp_sum(tile_sum);
         __syncwarp();  // every lane has read row_max[i] before lane 0 overwrites it
         if (lane == 0) {
-          row_max[i] = new_max;
-          row_sum[i] = row_sum[i] * factor + tile_sum;
-          rescale[i] = factor;
+          row_max[i] = update.max;
+          row_sum[i] = row_sum[i] * update.rescale + tile_sum;
+          rescale[i] = update.rescale;
         }
       }
       __syncthreads();
@@ -99,13 +95,11 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(const __grid_constant
     scalar_t* out = static_cast<scalar_t*>(p.out) + (n * p.L + q0) * p.Ev;
     for (int idx = threadIdx.x; idx < rows * Ev; idx += kThreads) {
       const int i = idx / Ev, e = idx % Ev;
-      // Nothing attended (sum 0): output 0, LSE -inf; a NaN sum (inf or NaN scores) stays NaN, as torch's.
-      const acc_t inv = row_sum[i] == acc_t(0) ? acc_t(0) : acc_t(1) / row_sum[i];
-      out[int64_t(i) * Ev + e] = static_cast<scalar_t>(out_acc[i * ld_v + e] * inv);
+      out[int64_t(i) * Ev + e] = static_cast<scalar_t>(out_acc[i * ld_v + e] * output_scale(row_sum[i]));
     }
     acc_t* lse = static_cast<acc_t*>(p.lse) + n * p.L + q0;
     for (int i = threadIdx.x; i < rows; i += kThreads)
-      lse[i] = row_sum[i] == acc_t(0) ? neg_inf<acc_t>() : row_max[i] + log_acc(row_sum[i]);
+      lse[i] = row_lse(row_max[i], row_sum[i]);
   }
 }
 

@@ -3,4 +3,5 @@
 
 namespace mha_ext::cuda {
 template bool try_forward_tensor_cores<c10::Half>(const AttentionParams&);
+template std::string forward_tensor_cores_unavailable<c10::Half>(const AttentionParams&);
 }  // namespace mha_ext::cuda

@@ -9,6 +9,7 @@
 
 #include <algorithm>
 
+#include "attention/online_softmax.h"
 #include "cuda/kernel_traits.cuh"
 #include "cuda/launch_kernel.cuh"
 #include "cuda/mma.cuh"
@@ -48,7 +49,7 @@ __global__ void __launch_bounds__(kThreads) forward_tensor_core_kernel(const __g
 
   for (int64_t item = blockIdx.x; item < query_tile_items<kBlockQ>(p); item += gridDim.x) {
     const auto [n, q0, rows] = query_tile<kBlockQ>(p, item);
-    const HeadView<scalar_t> head(p, n);
+    const HeadScores<scalar_t> head(p, n);
     __syncthreads();  // the previous item is done with shared memory
     load_operand_tile(q_tile, ld_qk, head.q + q0 * p.query.row_stride, p.query.row_stride, rows, kBlockQ, E);
     zero_rows(out_acc, ld_o, kBlockQ, ev_tiles * kMmaTile);
@@ -91,27 +92,22 @@ __global__ void __launch_bounds__(kThreads) forward_tensor_core_kernel(const __g
             s[c] = i < rows && j < cols ? head.score(q0 + i, k0 + j, scores[i * ld_s + j]) : neg_inf<float>();
             tile_max = max_acc(tile_max, s[c]);
           }
-          tile_max = warp_max(tile_max);
-          const float old_max = row_max[i];
-          const float new_max = max_acc(old_max, tile_max);
-          // A row whose maximum is -inf has nothing to attend: shifting by 0 keeps exp() at 0, not NaN.
-          const float shift = new_max == neg_inf<float>() ? 0.f : new_max;
-          const float factor = old_max == neg_inf<float>() ? 0.f : exp_acc(old_max - shift);
+          const SoftmaxUpdate<float> update = online_softmax_update(row_max[i], warp_max(tile_max));
           float tile_sum = 0.f;
 #pragma unroll
           for (int c = 0; c < kColsPerLane; ++c) {
             const int j = lane + c * kWarpSize;
-            const float prob = exp_acc(s[c] - shift);
+            const float prob = exp_acc(s[c] - update.shift);
             tile_sum += prob;  // the normaliser sums the probabilities before dropout
             const bool kept = dropout_factor<float>(p.dropout, n, q0 + i, k0 + j) != 0.f;
             probs[i * ld_p + j] = MmaOperand<scalar_t>::round(kept ? prob : 0.f);
           }
           tile_sum = warp_sum(tile_sum);
-          for (int e = lane; e < ev_tiles * kMmaTile; e += kWarpSize) out_acc[i * ld_o + e] *= factor;
+          for (int e = lane; e < ev_tiles * kMmaTile; e += kWarpSize) out_acc[i * ld_o + e] *= update.rescale;
           __syncwarp();  // every lane has read row_max[i] before lane 0 overwrites it
           if (lane == 0) {
-            row_max[i] = new_max;
-            row_sum[i] = row_sum[i] * factor + tile_sum;
+            row_max[i] = update.max;
+            row_sum[i] = row_sum[i] * update.rescale + tile_sum;
           }
         }
         __syncwarp();  // the probabilities and rescaled output rows are in place for the fragment loads
@@ -134,13 +130,11 @@ __global__ void __launch_bounds__(kThreads) forward_tensor_core_kernel(const __g
     scalar_t* out = static_cast<scalar_t*>(p.out) + (n * p.L + q0) * p.Ev;
     for (int idx = threadIdx.x; idx < rows * Ev; idx += kThreads) {
       const int i = idx / Ev, e = idx % Ev;
-      // Nothing attended (sum 0): output 0, LSE -inf; a NaN sum (inf or NaN scores) stays NaN, as torch's.
-      const float inv = row_sum[i] == 0.f ? 0.f : keep_scale / row_sum[i];
-      out[int64_t(i) * Ev + e] = static_cast<scalar_t>(out_acc[i * ld_o + e] * inv);
+      out[int64_t(i) * Ev + e] = static_cast<scalar_t>(out_acc[i * ld_o + e] * keep_scale * output_scale(row_sum[i]));
     }
     float* lse = static_cast<float*>(p.lse) + n * p.L + q0;
     for (int i = threadIdx.x; i < rows; i += kThreads)
-      lse[i] = row_sum[i] == 0.f ? neg_inf<float>() : row_max[i] + log_acc(row_sum[i]);
+      lse[i] = row_lse(row_max[i], row_sum[i]);
   }
 #endif
 }
@@ -150,7 +144,7 @@ bool launch_forward_tensor_cores(const AttentionParams& p) {
   using Traits = ForwardTensorCoreTraits<kHeadDim>;
   const auto kernel = forward_tensor_core_kernel<scalar_t, Traits>;
   const size_t smem_bytes = Traits::smem_bytes(static_cast<int>(p.E), static_cast<int>(p.Ev));
-  if (!has_sm80_image(kernel) || !shared_memory_fits(smem_bytes)) return false;
+  if (!tensor_core_launch_unavailable(kernel, smem_bytes).empty()) return false;
   launch_kernel(kernel, query_tile_items<Traits::kBlockQ>(p), smem_bytes, p);
   return true;
 }
@@ -159,6 +153,15 @@ template <typename scalar_t>
 bool try_forward_tensor_cores(const AttentionParams& p) {
   return MHA_HEADDIM_SWITCH(std::max(p.E, p.Ev), kHeadDim,
                             [&] { return launch_forward_tensor_cores<scalar_t, kHeadDim>(p); });
+}
+
+template <typename scalar_t>
+std::string forward_tensor_cores_unavailable(const AttentionParams& p) {
+  return MHA_HEADDIM_SWITCH(std::max(p.E, p.Ev), kHeadDim, [&] {
+    using Traits = ForwardTensorCoreTraits<kHeadDim>;
+    return tensor_core_launch_unavailable(forward_tensor_core_kernel<scalar_t, Traits>,
+                                          Traits::smem_bytes(static_cast<int>(p.E), static_cast<int>(p.Ev)));
+  });
 }
 
 }  // namespace mha_ext::cuda

@@ -11,6 +11,7 @@
 #include <cstdint>
 #include <type_traits>
 
+#include "attention/numerics.h"
 #include "attention/params.h"
 #include "cuda/launch.h"
 
@@ -37,11 +38,6 @@ constexpr int64_t kLargeSmemBudgetBytes = 163 * 1024;
 MHA_HOST_DEVICE constexpr int64_t tensor_core_smem_budget(int head_dim) {
   return head_dim <= 128 ? kSmemBudgetBytes : kLargeSmemBudgetBytes;
 }
-
-template <typename scalar_t>
-using acc_type = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-
-MHA_HOST_DEVICE constexpr int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // Row length in shared memory for `width` columns: odd, so threads walking a column hit distinct banks.
 MHA_HOST_DEVICE constexpr int padded(int width) { return width | 1; }
@@ -127,7 +123,7 @@ struct TileTraits {
   static size_t smem_bytes(int E, int Ev) { return size_t(layout(E, Ev).total) * sizeof(acc_t); }
 };
 
-// ---- Tensor-core forward (fp16/bf16 operands, fp32 accumulators; forward_tensor_core_kernel.cuh) ----
+// ---- Tensor-core forward (fp16/bf16 operands, fp32 accumulators; forward_tc_kernel.cuh) ----
 
 // Edge of a WMMA m16n16k16 tile: head dims and key counts are padded up to multiples of it.
 constexpr int kMmaTile = 16;

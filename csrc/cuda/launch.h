@@ -4,6 +4,9 @@
 
 #include <c10/core/ScalarType.h>
 
+#include <string>
+
+#include "attention/backend.h"
 #include "attention/params.h"
 
 namespace mha_ext::cuda {
@@ -11,7 +14,7 @@ namespace mha_ext::cuda {
 // Largest E and Ev the kernels take: their tiles keep whole rows of Q, K, V in shared memory.
 constexpr int kMaxHeadDim = 256;
 
-// Each runs on torch's current stream of the current device (register.cpp sets the device).
+// Each runs on torch's current stream of the current device (register_backend.h sets the device).
 template <typename scalar_t>
 void run_forward(const AttentionParams& p);
 // fp16/bf16 forward on tensor cores on sm80 and newer: E, Ev <= 128 on every such part, up to 256 where
@@ -20,6 +23,9 @@ void run_forward(const AttentionParams& p);
 // run_forward. Instantiated for c10::Half and c10::BFloat16 only.
 template <typename scalar_t>
 bool try_forward_tensor_cores(const AttentionParams& p);
+// Why try_forward_tensor_cores would not run this call on the current device, in words; empty where it would.
+template <typename scalar_t>
+std::string forward_tensor_cores_unavailable(const AttentionParams& p);
 template <typename scalar_t>
 void run_backward(const AttentionGradParams& g);
 // The same for the backward (backward_tc_kernel.cuh): runs it and returns true, or returns false and the
@@ -27,13 +33,21 @@ void run_backward(const AttentionGradParams& g);
 template <typename scalar_t>
 bool try_backward_tensor_cores(const AttentionGradParams& g);
 template <typename scalar_t>
+std::string backward_tensor_cores_unavailable(const AttentionParams& p);
+template <typename scalar_t>
 void run_weights(const AttentionParams& p, void* weights);
 void run_dropout_mask(const AttentionParams& p, bool* keep);
 
-// The kernels of each op for a runtime input dtype, as entry.h's ForwardKernel / BackwardKernel /
+// The kernels of each op for a runtime input dtype, as backend.h's ForwardKernel / BackwardKernel /
 // WeightsKernel take them (dispatch.cpp).
 void dispatch_forward(const AttentionParams& p, at::ScalarType dtype);
 void dispatch_backward(const AttentionGradParams& g, at::ScalarType dtype);
 void dispatch_weights(const AttentionParams& p, at::ScalarType dtype, void* weights);
+
+// What dispatch_forward and dispatch_backward run for a call on the current device, and why (explain.cu).
+Explanation explain_cuda(const AttentionParams& p, at::ScalarType dtype);
+
+// The CUDA backend (dispatch.cpp): register.cpp binds it to the ops, and the tests' emulator does too.
+extern const Backend kCudaBackend;
 
 }  // namespace mha_ext::cuda

@@ -12,6 +12,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <limits>
+#include <string>
 
 #include "cuda/kernel_traits.cuh"
 
@@ -53,6 +54,13 @@ bool has_sm80_image(Kernel* kernel) {
     return false;
   }
   return attributes.ptxVersion >= 80;
+}
+
+// The current device as explain() names it: model, compute capability, shared memory a block may opt into.
+inline std::string device_description() {
+  const cudaDeviceProp* props = at::cuda::getCurrentDeviceProperties();
+  return std::string(props->name) + ", sm" + std::to_string(props->major) + std::to_string(props->minor) + ", " +
+         std::to_string(props->sharedMemPerBlockOptin / 1024) + " KiB of shared memory per block";
 }
 
 // An uninitialised buffer of `numel` elements of `dtype` on the current device, freed with the tensor

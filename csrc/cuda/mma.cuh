@@ -8,9 +8,11 @@
 #include <cuda_runtime.h>
 #include <mma.h>
 
+#include <string>
 #include <type_traits>
 
 #include "cuda/kernel_traits.cuh"
+#include "cuda/launch_kernel.cuh"
 #include "cuda/tile.cuh"
 
 namespace mha_ext::cuda {
@@ -99,6 +101,18 @@ __device__ void block_mma(float* c, int ldc, bool accumulate, TileView<mma_t, La
     mma_accumulate(acc, a, i, b, j, steps);
     wmma::store_matrix_sync(c_tile, acc, ldc, wmma::mem_row_major);
   }
+}
+
+// Why a tensor-core kernel that needs `smem_bytes` of shared memory per block cannot launch on the current
+// device, in words; empty where it can.
+template <typename Kernel>
+std::string tensor_core_launch_unavailable(Kernel* kernel, size_t smem_bytes) {
+  if (!has_sm80_image(kernel)) return "this build has no sm80-or-newer image of it for this device (TORCH_CUDA_ARCH_LIST)";
+  if (!shared_memory_fits(smem_bytes)) {
+    return "its tiles need " + std::to_string((smem_bytes + 1023) / 1024) +
+           " KiB of shared memory per block, more than this device allows";
+  }
+  return "";
 }
 
 }  // namespace mha_ext::cuda

@@ -1,5 +1,5 @@
 // Device building blocks shared by the CUDA kernels: block-wide tile loads into shared memory, warp
-// reductions, and the per-head view that turns a dot product into a masked score.
+// reductions, and the per-head view that turns a dot product into a masked score and skips empty tiles.
 #pragma once
 
 #include <c10/util/BFloat16.h>
@@ -7,23 +7,12 @@
 
 #include <algorithm>
 #include <cstdint>
-#include <limits>
 
 #include "attention/head_pointers.h"
 #include "attention/params.h"
 #include "cuda/kernel_traits.cuh"
 
 namespace mha_ext::cuda {
-
-template <typename acc_t>
-__device__ __forceinline__ acc_t neg_inf() {
-  return -std::numeric_limits<acc_t>::infinity();
-}
-
-__device__ __forceinline__ float exp_acc(float x) { return expf(x); }
-__device__ __forceinline__ double exp_acc(double x) { return exp(x); }
-__device__ __forceinline__ float log_acc(float x) { return logf(x); }
-__device__ __forceinline__ double log_acc(double x) { return log(x); }
 
 template <typename T>
 __device__ __forceinline__ T max_acc(T a, T b) {
@@ -128,15 +117,14 @@ __device__ __forceinline__ T* shared_region(int offset) {
   return reinterpret_cast<T*>(shared_memory + offset);
 }
 
-// Everything about one (batch, query head) pair that the kernels read from global memory.
+// One (batch, query head) pair's operands, its masked scores (HeadPointers::masked_score) and which of
+// its tiles have work.
 template <typename scalar_t>
-struct HeadView : HeadPointers<scalar_t> {
+struct HeadScores : HeadPointers<scalar_t> {
   using acc_t = acc_type<scalar_t>;
   using HeadPointers<scalar_t>::HeadPointers;
   using HeadPointers<scalar_t>::p;
   using HeadPointers<scalar_t>::bool_mask;
-  using HeadPointers<scalar_t>::mask_add;
-  using HeadPointers<scalar_t>::bias;
 
   // Block-wide, called by every thread: false when causality or the bool mask leaves every (query, key)
   // pair of rows [q0, q0 + rows) x keys [k0, k0 + cols) out, so the tile can be skipped.
@@ -150,42 +138,19 @@ struct HeadView : HeadPointers<scalar_t> {
     bool found = false;
     for (int idx = threadIdx.x; idx < scan_rows * scan_cols && !found; idx += kThreads) {
       const int i = idx / scan_cols, j = idx % scan_cols;
-      found = bool_mask[(q0 + i) * m.row_stride + (k0 + j) * m.col_stride];
+      found = bool_mask[m.element(q0 + i, k0 + j)];
     }
     return __syncthreads_or(found) != 0;
   }
 
-  // The score of query row i and key row j (both in bounds) given dot = q_i . k_j: scale * dot plus the
-  // additive masks, or -inf where the bool mask or causality leaves the pair out.
-  __device__ acc_t score(int64_t i, int64_t j, acc_t dot_qk) const {
-    if (bool_mask != nullptr && !bool_mask[i * p.bool_mask.row_stride + j * p.bool_mask.col_stride])
-      return neg_inf<acc_t>();
-    if (p.causal.excludes(i, j)) return neg_inf<acc_t>();
-    acc_t s = static_cast<acc_t>(p.scale) * dot_qk;
-    s += additive(p.mask_add_type, mask_add, p.mask_add, i, j);
-    s += additive(p.bias_type, bias, p.bias, i, j);
-    return s;
-  }
-
- private:
-  __device__ static acc_t additive(AdditiveType type, const void* base, const Operand& op, int64_t i, int64_t j) {
-    const int64_t offset = i * op.row_stride + j * op.col_stride;
-    switch (type) {
-      case AdditiveType::kSameAsQuery:
-        return static_cast<acc_t>(static_cast<const scalar_t*>(base)[offset]);
-      case AdditiveType::kFloat32:
-        return static_cast<acc_t>(static_cast<const float*>(base)[offset]);
-      default:
-        return acc_t(0);
-    }
-  }
+  __device__ acc_t score(int64_t i, int64_t j, acc_t dot_qk) const { return this->masked_score(i, j, dot_qk); }
 };
 
 // Block-wide, in a fixed order: visit(k0, cols) for each tile of kBlockK keys (cols of them, fewer in the
 // last) that query rows [q0, q0 + rows) of `head` have work with. Causality ends the keys at q0 + rows - 1;
-// HeadView::tile_has_work skips the rest.
+// HeadScores::tile_has_work skips the rest.
 template <int kBlockK, typename scalar_t, typename Visit>
-__device__ __forceinline__ void for_each_key_tile(const HeadView<scalar_t>& head, int64_t q0, int rows, Visit&& visit) {
+__device__ __forceinline__ void for_each_key_tile(const HeadScores<scalar_t>& head, int64_t q0, int rows, Visit&& visit) {
   const int64_t k_end = head.p.causal.key_end(q0, rows, head.p.S);
   for (int64_t k0 = 0; k0 < k_end; k0 += kBlockK) {
     const int cols = static_cast<int>(std::min<int64_t>(kBlockK, k_end - k0));
@@ -199,7 +164,7 @@ template <int kBlockQ, typename scalar_t, typename Visit>
 __device__ __forceinline__ void for_each_query_tile(const AttentionParams& p, int64_t m, int64_t k0, int cols,
                                                     Visit&& visit) {
   for (int64_t n = m * p.grid.group; n < (m + 1) * p.grid.group; ++n) {
-    const HeadView<scalar_t> head(p, n);
+    const HeadScores<scalar_t> head(p, n);
     // Under causality, query rows before the first that sees key k0 attend none of these keys.
     const int64_t q_start = p.causal.first_query(k0) / kBlockQ * kBlockQ;
     for (int64_t q0 = q_start; q0 < p.L; q0 += kBlockQ) {

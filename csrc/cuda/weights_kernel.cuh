@@ -5,6 +5,7 @@
 
 #include <algorithm>
 
+#include "attention/online_softmax.h"
 #include "cuda/kernel_traits.cuh"
 #include "cuda/launch_kernel.cuh"
 #include "cuda/static_switch.h"
@@ -28,7 +29,7 @@ __global__ void __launch_bounds__(kThreads) weights_kernel(const __grid_constant
 
   for (int64_t item = blockIdx.x; item < query_tile_items<kBlockQ>(p); item += gridDim.x) {
     const auto [n, q0, rows] = query_tile<kBlockQ>(p, item);
-    const HeadView<scalar_t> head(p, n);
+    const HeadScores<scalar_t> head(p, n);
     __syncthreads();  // the previous item is done with shared memory
     load_rows(q_tile, ld_qk, head.q + q0 * p.query.row_stride, p.query.row_stride, rows, kBlockQ, E);
     load_row_values(lse, lse_all + n * p.L + q0, rows, kBlockQ, neg_inf<acc_t>());
@@ -38,9 +39,9 @@ __global__ void __launch_bounds__(kThreads) weights_kernel(const __grid_constant
       __syncthreads();
       for (int idx = threadIdx.x; idx < rows * cols; idx += kThreads) {
         const int i = idx / cols, j = idx % cols;
-        if (lse[i] == neg_inf<acc_t>()) continue;  // nothing attended: the row stays 0
+        if (attended_nothing(lse[i])) continue;  // the row stays 0
         const acc_t s = head.score(q0 + i, k0 + j, dot(q_tile + i * ld_qk, k_tile + j * ld_qk, E));
-        weights[(n * p.L + q0 + i) * p.S + k0 + j] = static_cast<scalar_t>(exp_acc(s - lse[i]));
+        weights[(n * p.L + q0 + i) * p.S + k0 + j] = static_cast<scalar_t>(probability(s, lse[i]));
       }
       __syncthreads();  // before the next tile overwrites K
     });

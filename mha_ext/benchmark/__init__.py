@@ -7,7 +7,7 @@ table; writes results.json, results.md and chart.png. One job per module:
 
 cases (what is measured, FLOP counts), inputs (the tensors), implementations (what is timed),
 correctness (the guard), timing (how), sgemm (the machine's reference rate), suite (the loop),
-results / targets (what came out, against issue 3's targets), report / chart (console, JSON, Markdown,
+results / targets (what came out, against the speed, mask-overhead and memory targets), report / chart (console, JSON, Markdown,
 PNG), memory (``--memory``, peak memory in a fresh subprocess), environment (machine description),
 cli (the command line).
 """

@@ -116,7 +116,7 @@ def _shape(name, batch, heads_q, length_q, length_kv, head_dim, heads_kv=None, h
                  head_dim_v or head_dim, about, with_modules)
 
 
-# Full suite shapes (issue 3).
+# Full CPU suite shapes: BERT, long context, GQA, decode, a head dim of 512.
 BERT_L128 = _shape("bert_L128", 8, 12, 128, 128, 64, about="BERT-base, seq 128", with_modules=True)
 BERT_L512 = _shape("bert_L512", 8, 12, 512, 512, 64, about="BERT-base, seq 512", with_modules=True)
 BERT_HEAD512 = _shape("bert_head512", 8, 1, 512, 512, 512, with_modules=True,
@@ -136,7 +136,7 @@ TINY_DECODE = _shape("tiny_decode_S512", 2, 4, 1, 512, 32, about="quick: decode"
 TINY_HEAD512 = _shape("tiny_head512", 2, 1, 64, 64, 512, about="quick: size_per_head 512", with_modules=True)
 TINY_EV = _shape("tiny_ev64_E32", 2, 4, 64, 64, 32, head_dim_v=64, about="quick: Ev != E")
 
-# CUDA suite shapes (issue 4's targets: L from 1k to 16k at E = 64 and 128), 2^28 score elements each.
+# CUDA suite shapes (L from 1k to 16k at E = 64 and 128), 2^28 score elements each.
 GPU_L1024_E64 = _shape("gpu_L1024_E64", 16, 16, 1024, 1024, 64, about="GPU: L=1k")
 GPU_L1024_E128 = _shape("gpu_L1024_E128", 16, 16, 1024, 1024, 128, about="GPU: L=1k")
 GPU_L4096_E64 = _shape("gpu_L4096_E64", 1, 16, 4096, 4096, 64, about="GPU: L=4k")
@@ -258,14 +258,14 @@ QUICK_SUITE = (
     SuiteEntry(TINY_EV, (Mask.NONE,), directions=(FORWARD,), dtypes=FP32),
 )
 
-# The case --memory measures when no --filter is given (the issue's "< 64 MB extra" target).
+# The case --memory measures when no --filter is given (its target: under 64 MiB of extra memory).
 MEMORY_DEFAULT_CASE = f"{LONG_L8192_E64.name}/none/fwd/float32"
 MEMORY_TARGET_MIB = 64.0
 
 
 HALF = ("float16", "bfloat16")
 
-# The full suite on CUDA: issue 4's target rows. fp16/bf16 forward without a mask (against torch's flash
+# The full suite on CUDA, the rows CUDA_TARGETS judge. fp16/bf16 forward without a mask (against torch's flash
 # backend); with a bool or float mask, and forward+backward with a bias requiring grad (against the
 # efficient backend, the one torch GPU kernel that takes masks with gradients); float32 (efficient in fp32).
 # The bias is (1, Hq, L, S): 8 GiB in bf16 at L = 16k, so the bias rows stop at 4k.

@@ -21,7 +21,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-import os
 import re
 from functools import partial
 from typing import Callable
@@ -152,18 +151,11 @@ def _prepare_sdpa(backend_name: str | None, inputs: CaseInputs) -> Runner:
 # ---------------------------------------------------------------------------------------------- mha_ext
 
 
-@contextlib.contextmanager
 def _cuda_cores_only():
-    """fp16/bf16 on mha_ext's CUDA-core kernels instead of its tensor-core ones (read by the op per call)."""
-    previous = os.environ.get("MHA_EXT_CUDA_TENSOR_CORES")
-    os.environ["MHA_EXT_CUDA_TENSOR_CORES"] = "0"
-    try:
-        yield
-    finally:
-        if previous is None:
-            del os.environ["MHA_EXT_CUDA_TENSOR_CORES"]
-        else:
-            os.environ["MHA_EXT_CUDA_TENSOR_CORES"] = previous
+    """fp16/bf16 on mha_ext's CUDA-core kernels instead of its tensor-core ones."""
+    import mha_ext
+
+    return mha_ext.settings(cuda_tensor_cores=False)
 
 
 def _prepare_mha_ext(inputs: CaseInputs, setting=contextlib.nullcontext) -> Runner:
@@ -351,7 +343,7 @@ def all_implementations() -> list[Implementation]:
     return [
         Implementation("mha_ext", "mha_ext.scaled_dot_product_attention", FUNCTION, both, False,
                        _prepare_mha_ext),
-        Implementation("mha_ext_cuda_cores", "mha_ext with MHA_EXT_CUDA_TENSOR_CORES=0 (fp16/bf16 on CUDA cores)",
+        Implementation("mha_ext_cuda_cores", "mha_ext with settings(cuda_tensor_cores=False) (fp16/bf16 on CUDA cores)",
                        FUNCTION, ("cuda",), False, partial(_prepare_mha_ext, setting=_cuda_cores_only)),
         Implementation("sdpa_flash", "torch SDPA, flash backend forced (CPU: torch's fused CPU kernel)",
                        FUNCTION, both, False, partial(_prepare_sdpa, "FLASH_ATTENTION")),

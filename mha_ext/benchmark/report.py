@@ -244,7 +244,7 @@ def markdown_report(run: RunResult, chart_name: str | None) -> str:
     if unmeasured:
         parts += ["Targets not measured in this run: " + "; ".join(t.description for t in unmeasured) + ".", ""]
     sections = [
-        ("Targets (issue 3)", TARGET_HEADERS, target_lines(measured)),
+        ("Targets", TARGET_HEADERS, target_lines(measured)),
         ("Mask overhead (mha_ext: masked time / unmasked time, same inputs, timed side by side)", OVERHEAD_HEADERS,
          overhead_lines(run.mask_overhead)),
         ("Memory (each measurement in a fresh subprocess)", MEMORY_HEADERS, memory_lines(run.memory)),

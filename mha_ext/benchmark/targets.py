@@ -1,7 +1,8 @@
 """The performance targets for mha_ext, checked against a run's rows: each target selects mha_ext's rows by
 a predicate and requires every selected ratio (torch time / mha_ext time, measured side by side) to reach a
-threshold. On the CPU (issue 3) the ratio is the row's, against its family's anchor; on CUDA (issue 4) it is
-taken against the torch backend the target names, timed on the same case. The mask-overhead and memory
+threshold. On the CPU (RATIO_TARGETS: speed against torch's fused CPU kernel) the ratio is the row's,
+against its family's anchor; on CUDA (CUDA_TARGETS: speed against torch's flash and memory-efficient
+kernels) it is taken against the torch backend the target names, timed on the same case. The mask-overhead and memory
 targets are evaluated from their own sections."""
 
 from __future__ import annotations

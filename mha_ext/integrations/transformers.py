@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-import mha_ext
+from ..functional import attention_weights, scaled_dot_product_attention
 
 __all__ = ["NAME", "register", "attention_forward"]
 
@@ -32,7 +32,8 @@ def register() -> None:
         from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
     except ImportError as error:
         raise ImportError(
-            "mha_ext.integrations.transformers needs the transformers package: pip install 'mha_ext[transformers]'"
+            "mha_ext.integrations.transformers needs the transformers package: from the mha_ext checkout, "
+            "pip install --no-build-isolation '.[transformers]' (or pip install transformers)"
         ) from error
     AttentionInterface.register(NAME, attention_forward)
     AttentionMaskInterface.register(NAME, sdpa_mask)
@@ -89,11 +90,11 @@ def attention_forward(
         enable_gqa=query.shape[1] != key.shape[1],
         attn_bias=position_bias,
     )
-    result = mha_ext.scaled_dot_product_attention(
+    result = scaled_dot_product_attention(
         query, key, value, dropout_p=dropout, return_lse=output_attentions, **arguments
     )
     weights = None
     if output_attentions:
         result, lse = result
-        weights = mha_ext.attention_weights(query, key, lse=lse, **arguments)
+        weights = attention_weights(query, key, lse=lse, **arguments)
     return result.transpose(1, 2).contiguous(), weights

@@ -1,10 +1,13 @@
-// Python module of the emulator: the ops' device-independent bodies (csrc/attention/entry.cpp) with the
-// CUDA kernels run by the emulator, taking CPU tensors; and small kernels that check the emulator itself.
+// Python module of the emulator: the CUDA backend (csrc/cuda, kernels run by the emulator on CPU tensors)
+// put behind the CPU dispatch key of the ops on request, and small kernels that check the emulator itself.
+// The ops' bodies (contract, entry, settings) are mha_ext._C's: this module links against it.
 #include <torch/extension.h>
 
 #include <mma.h>
 
-#include "attention/entry.h"
+#include <memory>
+
+#include "attention/register_backend.h"
 #include "cuda/launch.h"
 #include "cuda/launch_kernel.cuh"
 
@@ -78,41 +81,26 @@ at::Tensor self_check(const std::string& name) {
   return out;
 }
 
+// The emulated kernels behind the CPU dispatch key of the ops while alive: the CUDA backend bound by the
+// same register_backend as on a GPU. Destroying the library restores the CPU kernels.
+class CpuOverride {
+ public:
+  CpuOverride()
+      : library_(std::make_unique<torch::Library>(torch::Library::IMPL, "mha_ext", c10::DispatchKey::CPU, __FILE__,
+                                                  __LINE__)) {
+    mha_ext::register_backend<kCudaBackend>(*library_);
+  }
+  void close() { library_.reset(); }
+
+ private:
+  std::unique_ptr<torch::Library> library_;
+};
+
 }  // namespace mha_ext::cuda
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   using namespace mha_ext::cuda;
-  // py::arg defaults: the schemas' defaults, which the dispatcher does not fill in for a Python kernel.
-  m.def("attention_forward", [](const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                const std::optional<at::Tensor>& mask, const std::optional<at::Tensor>& bias,
-                                c10::string_view causal, double scale, double dropout_p,
-                                const std::optional<at::Tensor>& rng_state) {
-    return mha_ext::attention_forward(q, k, v, mask, bias, causal, scale, dropout_p, rng_state, dispatch_forward);
-  }, py::arg("query"), py::arg("key"), py::arg("value"), py::arg("attn_mask"), py::arg("attn_bias"),
-        py::arg("causal"), py::arg("scale"), py::arg("dropout_p") = 0.0, py::arg("rng_state") = py::none());
-  m.def("attention_backward",
-        [](const at::Tensor& grad_output, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-           const std::optional<at::Tensor>& mask, const std::optional<at::Tensor>& bias, const at::Tensor& output,
-           const at::Tensor& lse, const std::optional<at::Tensor>& grad_lse, c10::string_view causal, double scale,
-           bool mask_requires_grad, bool bias_requires_grad, double dropout_p,
-           const std::optional<at::Tensor>& rng_state) {
-          return mha_ext::attention_backward(grad_output, q, k, v, mask, bias, output, lse, grad_lse, causal, scale,
-                                             mask_requires_grad, bias_requires_grad, dropout_p, rng_state,
-                                             dispatch_backward, mha_ext::GradScoresLayout::kPerBatchHead);
-        },
-        py::arg("grad_output"), py::arg("query"), py::arg("key"), py::arg("value"), py::arg("attn_mask"),
-        py::arg("attn_bias"), py::arg("output"), py::arg("lse"), py::arg("grad_lse"), py::arg("causal"),
-        py::arg("scale"), py::arg("mask_requires_grad"), py::arg("bias_requires_grad"), py::arg("dropout_p") = 0.0,
-        py::arg("rng_state") = py::none());
-  m.def("attention_weights", [](const at::Tensor& q, const at::Tensor& k, const std::optional<at::Tensor>& mask,
-                                const std::optional<at::Tensor>& bias, const at::Tensor& lse, c10::string_view causal,
-                                double scale) {
-    return mha_ext::attention_weights(q, k, mask, bias, lse, causal, scale, dispatch_weights);
-  });
-  m.def("attention_dropout_mask", [](const at::Tensor& q, const at::Tensor& k, double dropout_p,
-                                     const at::Tensor& rng_state) {
-    return mha_ext::attention_dropout_mask(q, k, dropout_p, rng_state, run_dropout_mask);
-  });
+  py::class_<CpuOverride>(m, "CpuOverride").def(py::init<>()).def("close", &CpuOverride::close);
   m.def("self_check", &self_check, "Runs one of the emulator's own check kernels");
   m.def("launches", &mha_emu::launches, "Kernel launches emulated so far");
 }

@@ -8,6 +8,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <string>
 
 #include "cuda/kernel_traits.cuh"
 
@@ -27,6 +28,11 @@ inline bool shared_memory_fits(size_t smem_bytes) { return smem_bytes <= ::mha_e
 template <typename Kernel>
 bool has_sm80_image(Kernel*) {
   return true;
+}
+
+inline std::string device_description() {
+  return "the CPU emulator of the tests (tests/cuda_emulator), " + std::to_string(::mha_emu::max_shared_bytes() / 1024) +
+         " KiB of shared memory per block";
 }
 
 inline at::Tensor device_buffer(int64_t numel, at::ScalarType dtype) { return at::empty({numel}, at::dtype(dtype)); }

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 import mha_ext
-from conftest import TOLERANCES, reference_attention
+from .reference import TOLERANCES, reference_attention
 
 DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
 

@@ -1,4 +1,4 @@
-"""Seed 001: multi-head attention with per-token query and key masks on "time flies like an arrow".
+"""Multi-head attention with per-token query and key masks on "time flies like an arrow".
 
 Hidden size 768, 12 heads of 64, as bert-base. The seed loops over 12 ``AttentionHead`` modules
 and masks with ``torch.bmm(query_mask.unsqueeze(-1), key_mask.unsqueeze(1))`` (0 = masked); here

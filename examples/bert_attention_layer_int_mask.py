@@ -1,4 +1,4 @@
-"""Seed 000: BERT's ``attention_layer`` on mha_ext.
+"""BERT's ``attention_layer`` on mha_ext.
 
 ``from_tensor`` and ``to_tensor`` have different widths, the mask is BERT's 1/0 int
 ``attention_mask`` of shape [batch, from_seq, to_seq] (1 = attend), inputs may come flattened to

@@ -1,4 +1,4 @@
-"""Seed 004: the TensorFlow tutorial's ``scaled_dot_product_attention(q, k, v, mask)`` on mha_ext.
+"""The TensorFlow tutorial's ``scaled_dot_product_attention(q, k, v, mask)`` on mha_ext.
 
 Arbitrary leading dims, ``depth_v`` may differ from ``depth``, the mask has 1 = masked (TensorFlow
 adds ``mask * -1e9``), and the function returns ``(output, attention_weights)``. The weights come

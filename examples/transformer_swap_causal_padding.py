@@ -1,4 +1,4 @@
-"""Seed 003: ``nn.Transformer`` (encoder-decoder) with causal and padding masks, swapped to mha_ext.
+"""``nn.Transformer`` (encoder-decoder) with causal and padding masks, swapped to mha_ext.
 
 ``mha_ext.nn.replace_attention`` converts every ``nn.MultiheadAttention`` inside the model in place,
 keeping its weights; masks keep nn.Transformer's conventions (``True`` = ignore / not allowed).

@@ -11,10 +11,9 @@ import functools
 import importlib.util
 import os
 
-import torch
 from torch.utils import cpp_extension
 
-TESTS = os.path.dirname(os.path.abspath(__file__))
+TESTS = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EMULATOR = os.path.join(TESTS, "cuda_emulator")
 
 
@@ -30,7 +29,6 @@ def _checkout_sources():
 
 _sources = _checkout_sources()
 BUILD = os.path.join(_sources.ROOT, "build", "cuda-emulator")
-OPS = ("attention_forward", "attention_backward", "attention_weights", "attention_dropout_mask")
 
 
 def _kernel_wrappers() -> list[str]:
@@ -51,16 +49,21 @@ def _kernel_wrappers() -> list[str]:
 
 @functools.cache
 def load():
+    import mha_ext
+
     os.makedirs(BUILD, exist_ok=True)
-    sources = [os.path.join(_sources.CSRC, "attention", name) for name in ("contract.cpp", "entry.cpp")]
-    sources += [os.path.join(_sources.CSRC, "cuda", "dispatch.cpp")]
+    sources = [os.path.join(_sources.CSRC, "cuda", "dispatch.cpp")]
     sources += [os.path.join(EMULATOR, name) for name in ("emulator.cpp", "module.cpp")] + _kernel_wrappers()
+    # The ops' bodies (contract, entry, settings) come from the loaded mha_ext._C, which this module links
+    # against: one copy of them, and of the kernel settings, in the process.
+    library = mha_ext._C.__file__
     # The emulator's headers come first, so that its cuda/launch_kernel.cuh replaces csrc's.
     return cpp_extension.load(
         name="mha_ext_cuda_emulator", sources=sources, build_directory=BUILD,
         extra_include_paths=[os.path.join(EMULATOR, "include"), _sources.CSRC],
         extra_cflags=["-O2", "-fno-math-errno", "-DMHA_EXT_CUDA_EMULATOR", "-include", "cuda_runtime.h"]
         + (["-mf16c"] if _sources.is_x86_64() else []),  # c10::Half converts with F16C instructions
+        extra_ldflags=[library, f"-Wl,-rpath,{os.path.dirname(library)}"],
         verbose=bool(os.environ.get("MHA_EXT_EMULATOR_VERBOSE")))
 
 
@@ -68,10 +71,8 @@ def load():
 def emulated_cuda_kernels():
     """Inside, the mha_ext ops on CPU tensors run the emulated CUDA kernels instead of the CPU kernels."""
     module = load()
-    library = torch.library.Library("mha_ext", "IMPL")
+    override = module.CpuOverride()
     try:
-        for op in OPS:
-            library.impl(op, getattr(module, op), "CPU")
         yield module
     finally:
-        library._destroy()
+        override.close()

@@ -1,0 +1,80 @@
+// What the CUDA backend runs for a call (mha_ext.explain): tensor cores or CUDA cores for the forward and the
+// backward, their tiles, and the device. Uses the same checks as dispatch.cpp's choice.
+#include <algorithm>
+#include <string>
+
+#include "attention/settings.h"
+#include "cuda/kernel_traits.cuh"
+#include "cuda/launch.h"
+#include "cuda/launch_kernel.cuh"
+#include "cuda/static_switch.h"
+
+namespace mha_ext::cuda {
+namespace {
+
+std::string tile_text(int block_q, int block_k) {
+  return std::to_string(block_q) + " query rows x " + std::to_string(block_k) + " keys";
+}
+
+// Why the tensor-core kernels do not run this op of the call, in words; empty where they do.
+std::string tensor_cores_unavailable(bool backward, const AttentionParams& p, at::ScalarType dtype) {
+  if (dtype != at::kHalf && dtype != at::kBFloat16) {
+    return "tensor cores take float16 and bfloat16 inputs; float32 and float64 run on CUDA cores in their own "
+           "precision";
+  }
+  if (!kernel_settings().cuda_tensor_cores) return "setting cuda_tensor_cores is off";
+  if (dtype == at::kHalf) {
+    return backward ? backward_tensor_cores_unavailable<c10::Half>(p) : forward_tensor_cores_unavailable<c10::Half>(p);
+  }
+  return backward ? backward_tensor_cores_unavailable<c10::BFloat16>(p)
+                  : forward_tensor_cores_unavailable<c10::BFloat16>(p);
+}
+
+// The tiles of each kernel of the op, for head dims up to max(E, Ev).
+std::string tiles(bool backward, bool tensor_cores, const AttentionParams& p, at::ScalarType dtype) {
+  return MHA_DTYPE_SWITCH(dtype, scalar_t, [&] {
+    return MHA_HEADDIM_SWITCH(std::max(p.E, p.Ev), kHeadDim, [&] {
+      if (tensor_cores && !backward) {
+        return tile_text(ForwardTensorCoreTraits<kHeadDim>::kBlockQ, ForwardTensorCoreTraits<kHeadDim>::kBlockK);
+      }
+      if (tensor_cores) {
+        using Key = BackwardTensorCoreTraits<KeyGradTensorCoreSmem, kHeadDim>;
+        using Query = BackwardTensorCoreTraits<QueryGradTensorCoreSmem, kHeadDim>;
+        return "dK/dV: " + tile_text(Key::kBlockQ, Key::kBlockK) + "; dQ: " + tile_text(Query::kBlockQ, Query::kBlockK);
+      }
+      if (!backward) {
+        using Forward = TileTraits<scalar_t, kHeadDim, ForwardSmem>;
+        return tile_text(Forward::kBlockQ, Forward::kBlockK);
+      }
+      using Key = TileTraits<scalar_t, kHeadDim, KeyGradSmem>;
+      using Query = TileTraits<scalar_t, kHeadDim, QueryGradSmem>;
+      return "dK/dV: " + tile_text(Key::kBlockQ, Key::kBlockK) + "; dQ: " + tile_text(Query::kBlockQ, Query::kBlockK);
+    });
+  });
+}
+
+KernelChoice choice(bool backward, const AttentionParams& p, at::ScalarType dtype) {
+  const std::string unavailable = tensor_cores_unavailable(backward, p, dtype);
+  const bool tensor_cores = unavailable.empty();
+  KernelChoice choice;
+  if (tensor_cores) {
+    choice.kernel = "tensor cores: WMMA m16n16k16 products of 16-bit operands, float32 accumulation";
+    choice.not_taken.emplace_back("CUDA cores", "float16 and bfloat16 run on tensor cores where the build and device allow");
+  } else {
+    choice.kernel = std::string("CUDA cores, in ") + (dtype == at::kDouble ? "float64" : "float32");
+    choice.not_taken.emplace_back("tensor cores", unavailable);
+  }
+  choice.tiles = tiles(backward, tensor_cores, p, dtype) +
+                 "; key tiles that causality or the bool mask leave empty are skipped";
+  return choice;
+}
+
+}  // namespace
+
+Explanation explain_cuda(const AttentionParams& p, at::ScalarType dtype) {
+  return {choice(false, p, dtype), choice(true, p, dtype),
+          {{"device", device_description()},
+           {"cuda_tensor_cores", kernel_settings().cuda_tensor_cores ? "on" : "off"}}};
+}
+
+}  // namespace mha_ext::cuda
