@@ -31,7 +31,6 @@ struct PreparedAttention {
   AttentionParams params;         // E and Ev at least 1: an empty head dim is run as one zero column
   at::Tensor query, key, value;   // what params point into: the inputs, copies with a unit last-dim
                                   // stride, or zero columns standing in for an empty head dim
-  std::vector<at::Tensor> alive;  // other tensors the params point into
   bool empty_qk_dim = false;      // the user's E is 0: every score is 0 (before masks)
   bool empty_v_dim = false;       // the user's Ev is 0: the output is empty, the LSE is not
   // Shapes: the leading dims broadcast across query, key and value (the heads: query's, or key/value's
