@@ -20,7 +20,9 @@ TORCH_LIBRARY(mha_ext, m) {
       "bool bias_requires_grad, Tensor query, Tensor key, Tensor value, Tensor? attn_mask, Tensor? attn_bias, "
       "str causal, float scale, float dropout_p=0.0, Tensor? rng_state=None) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   // Attention dropout keeps a (query, key) pair with probability 1 - dropout_p, scaling it by
-  // 1 / (1 - dropout_p); rng_state = int64 [seed, offset] keys the counter-based RNG. This returns
+  // 1 / (1 - dropout_p); rng_state = int64 [seed, offset] keys the counter-based RNG, and [seed, offset,
+  // row_offset, column_offset, head_offset, total_heads] makes a slice of a larger call (its rows, columns
+  // and query heads at those offsets of a call with total_heads heads) decide as that call. This returns
   // the decisions, bool (..., H, L, S), True = kept.
   m.def("attention_dropout_mask(Tensor query, Tensor key, float dropout_p, Tensor rng_state) -> Tensor");
   // Attention probabilities (..., H, L, S) from the LSE that attention_forward returned (before dropout).

@@ -77,9 +77,9 @@ def _alignment_of(is_causal) -> str:
     return "upper_left" if is_causal else "none"
 
 
-def causal_alignment(is_causal, attn_mask, L: int, S: int):
+def causal_alignment(is_causal, attn_mask, query: torch.Tensor, key: torch.Tensor):
     """The ops' `causal` argument ("none", "upper_left" or "lower_right") for the API's ``is_causal`` and
-    ``attn_mask``, and the attn_mask left to pass on.
+    ``attn_mask`` on these query and key, and the attn_mask left to pass on.
 
     ``is_causal``: False, True / "upper_left" (query i attends keys j <= i, torch's is_causal), "lower_right"
     (j <= i + S - L), or a torch.nn.attention.bias.CausalVariant. An ``attn_mask`` that is torch's
@@ -88,6 +88,8 @@ def causal_alignment(is_causal, attn_mask, L: int, S: int):
     """
     alignment = _alignment_of(is_causal)
     if isinstance(attn_mask, CausalBias):
+        # Too few dims leave (L, S) undefined: the op names that error.
+        L, S = (query.size(-2), key.size(-2)) if query.dim() >= 2 and key.dim() >= 2 else (0, 0)
         if (attn_mask.seq_len_q, attn_mask.seq_len_kv) != (L, S):
             raise AttentionValueError(
                 f"mha_ext: attn_mask is a CausalBias for (L, S) = ({attn_mask.seq_len_q}, {attn_mask.seq_len_kv}), "

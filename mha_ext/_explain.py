@@ -52,8 +52,7 @@ def explain(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, s
     require_optional_tensor("attn_bias", attn_bias)
     del scale, enable_gqa  # accepted for the same call shape; they change no choice
     dropout_p = check_dropout_p(dropout_p)
-    lengths = (query.size(-2), key.size(-2)) if query.dim() >= 2 and key.dim() >= 2 else (0, 0)
-    causal, attn_mask = causal_alignment(is_causal, attn_mask, *lengths)
+    causal, attn_mask = causal_alignment(is_causal, attn_mask, query, key)
     text = run_op(torch.ops.mha_ext.attention_explain, query, key, value, attn_mask, attn_bias, causal, dropout_p)
     data = json.loads(text)
     return Explanation(data["backend"], KernelChoice(**data["forward"]), KernelChoice(**data["backward"]),

@@ -111,18 +111,13 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     require_optional_tensor("attn_bias", attn_bias)
     dropout_p = check_dropout_p(dropout_p)
     scale = resolve_scale(scale, query.size(-1) if query.dim() else 0)
-    causal, attn_mask = causal_alignment(is_causal, attn_mask, *_lengths(query, key))
+    causal, attn_mask = causal_alignment(is_causal, attn_mask, query, key)
     _check_heads(query, key, value, enable_gqa)
     _check_devices(query, key=key, value=value, attn_mask=attn_mask, attn_bias=attn_bias)
     rng_state = _draw_rng_state(query.device, generator) if dropout_p > 0.0 else None
     out, lse = run_op(_ops.attention_forward, query, key, value, attn_mask, attn_bias, causal, scale, dropout_p,
                       rng_state)
     return (out, lse) if return_lse else out
-
-
-def _lengths(query: torch.Tensor, key: torch.Tensor) -> tuple[int, int]:
-    """(L, S), or (0, 0) where the ranks are too small (the op names that error)."""
-    return (query.size(-2), key.size(-2)) if query.dim() >= 2 and key.dim() >= 2 else (0, 0)
 
 
 def attention_weights(query, key, attn_mask=None, is_causal=False, scale=None, enable_gqa=False, *, attn_bias=None,
@@ -141,7 +136,7 @@ def attention_weights(query, key, attn_mask=None, is_causal=False, scale=None, e
     require_optional_tensor("attn_bias", attn_bias)
     require_optional_tensor("lse", lse)
     scale = resolve_scale(scale, query.size(-1) if query.dim() else 0)
-    causal, attn_mask = causal_alignment(is_causal, attn_mask, *_lengths(query, key))
+    causal, attn_mask = causal_alignment(is_causal, attn_mask, query, key)
     _check_heads(query, key, key, enable_gqa)
     _check_devices(query, key=key, attn_mask=attn_mask, attn_bias=attn_bias, lse=lse)
     if lse is None:

@@ -45,6 +45,37 @@ def test_mask_is_philox_keyed_by_seed_offset_head_row_column(device):
     assert torch.equal(keep.cpu(), expected)
 
 
+def _slice_rng_state(seed, offset, rows, columns, heads, total_heads):
+    return torch.tensor([seed, offset, rows.start, columns.start, heads.start, total_heads])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_slice_coordinates_reproduce_the_whole_calls_decisions(device):
+    # Sequence-parallel attention runs slices of one call: rng_state's offsets make a slice (rows, columns,
+    # heads at offsets, unaligned to Philox's four-column blocks) decide as the whole call does.
+    B, H, L, S, E, p = 2, 6, 29, 43, 8, 0.4
+    q = torch.randn(B, H, L, E, dtype=torch.float64, device=device)
+    k = torch.randn(B, H, S, E, dtype=torch.float64, device=device)
+    v = torch.randn(B, H, S, 5, dtype=torch.float64, device=device)
+    whole = torch.tensor([123, 45])
+    keep = mha_ext.dropout_mask(q, k, p, rng_state=whole)
+    rows, columns, heads = slice(7, 20), slice(13, 38), slice(2, 5)
+    state = _slice_rng_state(123, 45, rows, columns, heads, H)
+    part = mha_ext.dropout_mask(q[:, heads, rows], k[:, heads, columns], p, rng_state=state)
+    torch.testing.assert_close(part, keep[:, heads, rows, columns], rtol=0, atol=0)
+    # The kernels' decisions, forward and backward, against a reference that uses the sliced mask.
+    qs, ks, vs = (t[:, heads].detach().requires_grad_() for t in (q[:, :, rows], k[:, :, columns], v[:, :, columns]))
+    scale, state = E ** -0.5, state.to(device)
+    out, lse = torch.ops.mha_ext.attention_forward(qs, ks, vs, None, None, "none", scale, p, state)
+    expected = (torch.softmax(qs @ ks.transpose(-1, -2) * scale, dim=-1) * part / (1 - p)) @ vs
+    torch.testing.assert_close(out, expected)
+    grad_out = torch.randn_like(out)
+    grads = torch.ops.mha_ext.attention_backward(grad_out, out, lse, None, False, False, qs, ks, vs, None, None,
+                                                 "none", scale, p, state)[:3]
+    for got, want in zip(grads, torch.autograd.grad(expected, (qs, ks, vs), grad_out)):
+        torch.testing.assert_close(got, want)
+
+
 @pytest.mark.parametrize("p", [0.1, 0.5, 0.9])
 def test_keep_rate_within_statistical_bounds(p):
     q = torch.randn(4, 8, 128, 4)
@@ -179,5 +210,9 @@ def test_bad_dropout_arguments_are_named():
         mha_ext.scaled_dot_product_attention(q, q, q, dropout_p=1.5)
     with pytest.raises(ValueError, match=r"needs rng_state"):
         torch.ops.mha_ext.attention_forward(q, q, q, None, None, "none", 1.0, 0.5, None)
-    with pytest.raises(ValueError, match=r"rng_state must be an int64 tensor of 2 elements .* got Float of shape \(3,\)"):
+    with pytest.raises(ValueError, match=r"rng_state must be an int64 tensor \[seed, offset\] .* got Float of shape \(3,\)"):
         torch.ops.mha_ext.attention_forward(q, q, q, None, None, "none", 1.0, 0.5, torch.zeros(3))
+    with pytest.raises(ValueError, match=r"head_offset \+ the 1 query heads must be at most total_heads, got "
+                                         r"head_offset 1 and total_heads 1"):
+        torch.ops.mha_ext.attention_forward(q, q, q, None, None, "none", 1.0, 0.5,
+                                            torch.tensor([1, 2, 0, 0, 1, 1]))

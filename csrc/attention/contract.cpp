@@ -123,9 +123,8 @@ class GridBinder {
       if (split_[split_dim++] != 1) op.grid_strides[out++] = stride;
     };
     for (int64_t d = 0; d < n_lead; ++d) {
-      const int64_t td = d - (rank - t.dim());
-      const int64_t size = td < 0 ? 1 : t.size(td);
-      const int64_t stride = size == 1 ? 0 : t.stride(td);
+      const int64_t size = aligned_size(t, rank, d);
+      const int64_t stride = size == 1 ? 0 : t.stride(d - (rank - t.dim()));
       if (lead_.has_heads && d == n_lead - 1) {
         const bool all_heads = size == lead_.sizes[d] && size != 1;
         put(all_heads ? stride * lead_.group : stride);  // kv head
@@ -277,17 +276,37 @@ PreparedAttention prepare_attention(const at::Tensor& query_in, const at::Tensor
   return prep;
 }
 
-DropoutRule dropout_rule(double dropout_p, const std::optional<at::Tensor>& rng_state) {
+void check_dropout_p(double dropout_p) {
   TORCH_CHECK_VALUE(dropout_p >= 0.0 && dropout_p <= 1.0, "mha_ext: dropout_p must be in [0, 1], got ", dropout_p);
+}
+
+DropoutRule dropout_rule(double dropout_p, const std::optional<at::Tensor>& rng_state, const PreparedAttention& prep) {
+  check_dropout_p(dropout_p);
   if (dropout_p == 0.0) return DropoutRule{};
   TORCH_CHECK_VALUE(rng_state.has_value() && rng_state->defined(), "mha_ext: dropout_p = ", dropout_p,
                     " needs rng_state, an int64 tensor [seed, offset]; got none");
-  TORCH_CHECK_VALUE(rng_state->scalar_type() == at::kLong && rng_state->numel() == 2,
-                    "mha_ext: rng_state must be an int64 tensor of 2 elements [seed, offset], got ",
-                    rng_state->scalar_type(), " of shape ", shape_str(rng_state->sizes()));
-  const at::Tensor state = rng_state->to(at::kCPU).contiguous();  // two numbers, read on the host
+  const int64_t count = rng_state->numel();
+  TORCH_CHECK_VALUE(rng_state->scalar_type() == at::kLong && rng_state->dim() == 1 && (count == 2 || count == 6),
+                    "mha_ext: rng_state must be an int64 tensor [seed, offset] or [seed, offset, row_offset, "
+                    "column_offset, head_offset, total_heads], got ", rng_state->scalar_type(), " of shape ",
+                    shape_str(rng_state->sizes()));
+  const at::Tensor state = rng_state->to(at::kCPU).contiguous();  // a few numbers, read on the host
   const int64_t* values = state.data_ptr<int64_t>();
-  return make_dropout_rule(dropout_p, static_cast<uint64_t>(values[0]), static_cast<uint64_t>(values[1]));
+  DropoutRule rule = make_dropout_rule(dropout_p, static_cast<uint64_t>(values[0]), static_cast<uint64_t>(values[1]));
+  if (count == 6) {
+    const int64_t heads = prep.lead.has_heads ? prep.lead.sizes.back() : 1;
+    TORCH_CHECK_VALUE(values[2] >= 0 && values[3] >= 0, "mha_ext: rng_state's row_offset and column_offset must be "
+                      ">= 0, got ", values[2], " and ", values[3]);
+    TORCH_CHECK_VALUE(values[4] >= 0 && values[4] + heads <= values[5], "mha_ext: rng_state's head_offset + the ",
+                      heads, " query heads must be at most total_heads, got head_offset ", values[4],
+                      " and total_heads ", values[5]);
+    rule.row_offset = values[2];
+    rule.column_offset = values[3];
+    rule.heads = heads;
+    rule.head_offset = values[4];
+    rule.total_heads = values[5];
+  }
+  return rule;
 }
 
 Operand output_like_operand(const PreparedAttention& prep, const at::Tensor& tensor, const char* name,

@@ -53,8 +53,13 @@ PreparedAttention prepare_attention(const at::Tensor& query, const at::Tensor& k
                                     const std::optional<at::Tensor>& attn_bias, c10::string_view causal,
                                     double scale);
 
-// Validates dropout_p (in [0, 1]) and rng_state (int64 [seed, offset], required when dropout_p > 0).
-DropoutRule dropout_rule(double dropout_p, const std::optional<at::Tensor>& rng_state);
+// A ValueError naming dropout_p unless it is in [0, 1].
+void check_dropout_p(double dropout_p);
+
+// Validates dropout_p (in [0, 1]) and rng_state (required when dropout_p > 0): int64 [seed, offset], or
+// [seed, offset, row_offset, column_offset, head_offset, total_heads] for a call that is a slice of a larger
+// one and makes that call's decisions for its pairs (DropoutRule in philox.h).
+DropoutRule dropout_rule(double dropout_p, const std::optional<at::Tensor>& rng_state, const PreparedAttention& prep);
 
 // Describes a tensor of the output's shape (grad_output) on the prepared grid; `keep_alive` holds what the
 // operand points into.

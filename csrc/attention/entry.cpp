@@ -68,7 +68,7 @@ std::tuple<at::Tensor, at::Tensor> attention_forward(const Backend& backend, con
                                                      const std::optional<at::Tensor>& rng_state) {
   PreparedAttention prep = prepare_attention(query, key, value, attn_mask, attn_bias, causal, scale);
   check_head_dims(backend, query, value);
-  prep.params.dropout = dropout_rule(dropout_p, rng_state);
+  prep.params.dropout = dropout_rule(dropout_p, rng_state, prep);
   at::Tensor out = at::empty(prep.out_shape, query.options());
   at::Tensor lse = at::empty(prep.lse_shape, query.options().dtype(accumulation_dtype(query.scalar_type())));
   // With an empty value head dim the kernel still computes the LSE, next to one zero column of output.
@@ -87,7 +87,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention
     double scale, double dropout_p, const std::optional<at::Tensor>& rng_state) {
   PreparedAttention prep = prepare_attention(query, key, value, attn_mask, attn_bias, causal, scale);
   check_head_dims(backend, query, value);
-  prep.params.dropout = dropout_rule(dropout_p, rng_state);
+  prep.params.dropout = dropout_rule(dropout_p, rng_state, prep);
   const at::ScalarType acc = accumulation_dtype(query.scalar_type());
   check_saved(output, "output", prep.out_shape, query.scalar_type(), query);
   check_saved(lse, "lse", prep.lse_shape, acc, query);
@@ -163,7 +163,7 @@ at::Tensor attention_dropout_mask(const Backend& backend, const at::Tensor& quer
                                   double dropout_p, const at::Tensor& rng_state) {
   // Only the shapes matter: the key stands in for the values.
   PreparedAttention prep = prepare_attention(query, key, key, std::nullopt, std::nullopt, "none", 1.0);
-  prep.params.dropout = dropout_rule(dropout_p, rng_state);
+  prep.params.dropout = dropout_rule(dropout_p, rng_state, prep);
   at::Tensor keep = at::ones(prep.scores_shape, query.options().dtype(at::kBool));
   if (prep.params.dropout.active && keep.numel() > 0) backend.dropout_mask(prep.params, keep.data_ptr<bool>());
   return keep;
@@ -174,7 +174,7 @@ std::string attention_explain(const Backend& backend, const at::Tensor& query, c
                               const std::optional<at::Tensor>& attn_bias, c10::string_view causal, double dropout_p) {
   PreparedAttention prep = prepare_attention(query, key, value, attn_mask, attn_bias, causal, 1.0);
   check_head_dims(backend, query, value);
-  TORCH_CHECK_VALUE(dropout_p >= 0.0 && dropout_p <= 1.0, "mha_ext: dropout_p must be in [0, 1], got ", dropout_p);
+  check_dropout_p(dropout_p);
   prep.params.dropout = make_dropout_rule(dropout_p, 0, 0);  // the rule's presence, not its draws, matters here
   return explanation_json(backend.name, backend.explain(prep.params, query.scalar_type()));
 }

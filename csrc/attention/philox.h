@@ -61,8 +61,20 @@ struct DropoutRule {
   double keep_scale = 1.0;   // 1 / (1 - p) for kept pairs
   uint64_t seed = 0;
   uint64_t offset = 0;
+  // Where this call's pairs sit in a larger call whose decisions it reproduces (sequence-parallel attention
+  // runs slices of one attention): its rows and columns start at row_offset / column_offset, and its
+  // `heads` query heads per batch are heads head_offset.. of that call's total_heads. heads == 0: a whole call.
+  int64_t row_offset = 0;
+  int64_t column_offset = 0;
+  int64_t heads = 0;
+  int64_t head_offset = 0;
+  int64_t total_heads = 0;
 
   MHA_HOST_DEVICE bool keeps(uint32_t word) const { return !drop_all && word >= threshold; }
+  // The batch-head index of this call's batch-head n in the larger call.
+  MHA_HOST_DEVICE int64_t global_head(int64_t n) const {
+    return heads == 0 ? n : (n / heads) * total_heads + head_offset + n % heads;
+  }
 };
 
 inline DropoutRule make_dropout_rule(double p, uint64_t seed, uint64_t offset) {
@@ -81,9 +93,11 @@ inline DropoutRule make_dropout_rule(double p, uint64_t seed, uint64_t offset) {
 template <typename acc_t>
 MHA_HOST_DEVICE acc_t dropout_factor(const DropoutRule& rule, int64_t n, int64_t row, int64_t col) {
   if (!rule.active) return acc_t(1);
+  const int64_t column = col + rule.column_offset;
   uint32_t words[4];
-  philox4x32_10(DropoutCounter(n, row, col >> 2, rule.offset), rule.seed, words);
-  return rule.keeps(words[col & 3]) ? static_cast<acc_t>(rule.keep_scale) : acc_t(0);
+  philox4x32_10(DropoutCounter(rule.global_head(n), row + rule.row_offset, column >> 2, rule.offset), rule.seed,
+                words);
+  return rule.keeps(words[column & 3]) ? static_cast<acc_t>(rule.keep_scale) : acc_t(0);
 }
 
 }  // namespace mha_ext

@@ -62,17 +62,19 @@ inline void philox_words(const DropoutRule& rule, int64_t n, int64_t row, int64_
 #endif
 }
 
-// Calls visit(j, kept) for the key columns k0 + j, j < cols, of query row `row` of batch-head n.
+// Calls visit(j, kept) for the key columns k0 + j, j < cols, of query row `row` of batch-head n (local to the
+// call: the rule maps them to the larger call's coordinates).
 template <typename Visit>
 void for_each_dropout_decision(const DropoutRule& rule, int64_t n, int64_t row, int64_t k0, int64_t cols,
                                Visit&& visit) {
   uint32_t words[4][kPhiloxLanes];
   constexpr int64_t kColumnsPerBatch = 4 * kPhiloxLanes;
-  const int64_t end = k0 + cols;
-  for (int64_t first = k0 & ~int64_t(3); first < end; first += kColumnsPerBatch) {
-    philox_words(rule, n, row, first >> 2, words);
-    const int64_t from = std::max(first, k0), to = std::min(first + kColumnsPerBatch, end);
-    for (int64_t col = from; col < to; ++col) visit(col - k0, rule.keeps(words[col & 3][(col - first) >> 2]));
+  const int64_t head = rule.global_head(n), global_row = row + rule.row_offset;
+  const int64_t begin = k0 + rule.column_offset, end = begin + cols;
+  for (int64_t first = begin & ~int64_t(3); first < end; first += kColumnsPerBatch) {
+    philox_words(rule, head, global_row, first >> 2, words);
+    const int64_t from = std::max(first, begin), to = std::min(first + kColumnsPerBatch, end);
+    for (int64_t col = from; col < to; ++col) visit(col - begin, rule.keeps(words[col & 3][(col - first) >> 2]));
   }
 }
 

@@ -2,6 +2,6 @@
 #include "cuda/backward_tc_kernel.cuh"
 
 namespace mha_ext::cuda {
-template bool try_backward_tensor_cores<c10::Half>(const AttentionGradParams&);
+template void run_backward_tensor_cores<c10::Half>(const AttentionGradParams&);
 template std::string backward_tensor_cores_unavailable<c10::Half>(const AttentionParams&);
 }  // namespace mha_ext::cuda

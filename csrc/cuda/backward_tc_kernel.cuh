@@ -223,7 +223,7 @@ std::string backward_tensor_cores_unavailable_for(const AttentionParams& p) {
 }
 
 template <typename scalar_t, int kHeadDim>
-bool launch_backward_tensor_cores(const AttentionGradParams& g) {
+void launch_backward_tensor_cores(const AttentionGradParams& g) {
   using KeyTraits = BackwardTensorCoreTraits<KeyGradTensorCoreSmem, kHeadDim>;
   using QueryTraits = BackwardTensorCoreTraits<QueryGradTensorCoreSmem, kHeadDim>;
   const auto key_kernel = key_grad_tensor_core_kernel<scalar_t, KeyTraits>;
@@ -231,18 +231,15 @@ bool launch_backward_tensor_cores(const AttentionGradParams& g) {
   const AttentionParams& p = g.fwd;
   const int E = static_cast<int>(p.E), Ev = static_cast<int>(p.Ev);
   const size_t key_smem = KeyTraits::smem_bytes(E, Ev), query_smem = QueryTraits::smem_bytes(E, Ev);
-  if (!backward_tensor_cores_unavailable_for<scalar_t, kHeadDim>(p).empty()) return false;
   const at::Tensor delta = run_delta<scalar_t>(g);
   const float* delta_ptr = delta.data_ptr<float>();
   launch_kernel(key_kernel, key_tile_items<KeyTraits::kBlockK>(p), key_smem, g, delta_ptr);
   launch_kernel(query_kernel, query_tile_items<QueryTraits::kBlockQ>(p), query_smem, g, delta_ptr);
-  return true;
 }
 
 template <typename scalar_t>
-bool try_backward_tensor_cores(const AttentionGradParams& g) {
-  return MHA_HEADDIM_SWITCH(std::max(g.fwd.E, g.fwd.Ev), kHeadDim,
-                            [&] { return launch_backward_tensor_cores<scalar_t, kHeadDim>(g); });
+void run_backward_tensor_cores(const AttentionGradParams& g) {
+  MHA_HEADDIM_SWITCH(std::max(g.fwd.E, g.fwd.Ev), kHeadDim, [&] { launch_backward_tensor_cores<scalar_t, kHeadDim>(g); });
 }
 
 template <typename scalar_t>

@@ -5,27 +5,35 @@
 #include "cuda/static_switch.h"
 
 namespace mha_ext::cuda {
-namespace {
 
-// Setting cuda_tensor_cores "off" keeps fp16/bf16 on the CUDA-core kernels, to compare the two paths.
-bool tensor_cores_allowed() { return kernel_settings().cuda_tensor_cores; }
+std::string tensor_cores_unavailable(bool backward, const AttentionParams& p, at::ScalarType dtype) {
+  if (dtype != at::kHalf && dtype != at::kBFloat16) {
+    return "tensor cores take float16 and bfloat16 inputs; float32 and float64 run on CUDA cores in their own "
+           "precision";
+  }
+  // Setting cuda_tensor_cores "off" keeps fp16/bf16 on the CUDA-core kernels, to compare the two paths.
+  if (!kernel_settings().cuda_tensor_cores) return "setting cuda_tensor_cores is off";
+  if (dtype == at::kHalf) {
+    return backward ? backward_tensor_cores_unavailable<c10::Half>(p) : forward_tensor_cores_unavailable<c10::Half>(p);
+  }
+  return backward ? backward_tensor_cores_unavailable<c10::BFloat16>(p)
+                  : forward_tensor_cores_unavailable<c10::BFloat16>(p);
+}
 
-}  // namespace
-
-// fp16/bf16 run on tensor cores where try_forward_tensor_cores / try_backward_tensor_cores can (sm80+; E
-// and Ev <= 128, or <= 256 on parts with 163 KiB of shared memory per block), the rest on CUDA cores.
+// fp16/bf16 run on tensor cores where they can (sm80+; E and Ev <= 128, or <= 256 on parts with 163 KiB of
+// shared memory per block), the rest on CUDA cores.
 void dispatch_forward(const AttentionParams& p, at::ScalarType dtype) {
-  if (tensor_cores_allowed()) {
-    if (dtype == at::kHalf && try_forward_tensor_cores<c10::Half>(p)) return;
-    if (dtype == at::kBFloat16 && try_forward_tensor_cores<c10::BFloat16>(p)) return;
+  if (tensor_cores_unavailable(/*backward=*/false, p, dtype).empty()) {
+    dtype == at::kHalf ? run_forward_tensor_cores<c10::Half>(p) : run_forward_tensor_cores<c10::BFloat16>(p);
+    return;
   }
   MHA_DTYPE_SWITCH(dtype, scalar_t, [&] { run_forward<scalar_t>(p); });
 }
 
 void dispatch_backward(const AttentionGradParams& g, at::ScalarType dtype) {
-  if (tensor_cores_allowed()) {
-    if (dtype == at::kHalf && try_backward_tensor_cores<c10::Half>(g)) return;
-    if (dtype == at::kBFloat16 && try_backward_tensor_cores<c10::BFloat16>(g)) return;
+  if (tensor_cores_unavailable(/*backward=*/true, g.fwd, dtype).empty()) {
+    dtype == at::kHalf ? run_backward_tensor_cores<c10::Half>(g) : run_backward_tensor_cores<c10::BFloat16>(g);
+    return;
   }
   MHA_DTYPE_SWITCH(dtype, scalar_t, [&] { run_backward<scalar_t>(g); });
 }

@@ -1,5 +1,5 @@
 // What the CUDA backend runs for a call (mha_ext.explain): tensor cores or CUDA cores for the forward and the
-// backward, their tiles, and the device. Uses the same checks as dispatch.cpp's choice.
+// backward, their tiles, and the device. The choice itself is dispatch.cpp's tensor_cores_unavailable.
 #include <algorithm>
 #include <string>
 
@@ -14,20 +14,6 @@ namespace {
 
 std::string tile_text(int block_q, int block_k) {
   return std::to_string(block_q) + " query rows x " + std::to_string(block_k) + " keys";
-}
-
-// Why the tensor-core kernels do not run this op of the call, in words; empty where they do.
-std::string tensor_cores_unavailable(bool backward, const AttentionParams& p, at::ScalarType dtype) {
-  if (dtype != at::kHalf && dtype != at::kBFloat16) {
-    return "tensor cores take float16 and bfloat16 inputs; float32 and float64 run on CUDA cores in their own "
-           "precision";
-  }
-  if (!kernel_settings().cuda_tensor_cores) return "setting cuda_tensor_cores is off";
-  if (dtype == at::kHalf) {
-    return backward ? backward_tensor_cores_unavailable<c10::Half>(p) : forward_tensor_cores_unavailable<c10::Half>(p);
-  }
-  return backward ? backward_tensor_cores_unavailable<c10::BFloat16>(p)
-                  : forward_tensor_cores_unavailable<c10::BFloat16>(p);
 }
 
 // The tiles of each kernel of the op, for head dims up to max(E, Ev).

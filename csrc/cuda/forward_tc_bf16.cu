@@ -2,6 +2,6 @@
 #include "cuda/forward_tc_kernel.cuh"
 
 namespace mha_ext::cuda {
-template bool try_forward_tensor_cores<c10::BFloat16>(const AttentionParams&);
+template void run_forward_tensor_cores<c10::BFloat16>(const AttentionParams&);
 template std::string forward_tensor_cores_unavailable<c10::BFloat16>(const AttentionParams&);
 }  // namespace mha_ext::cuda

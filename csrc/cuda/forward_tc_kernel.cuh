@@ -139,20 +139,13 @@ __global__ void __launch_bounds__(kThreads) forward_tensor_core_kernel(const __g
 #endif
 }
 
-template <typename scalar_t, int kHeadDim>
-bool launch_forward_tensor_cores(const AttentionParams& p) {
-  using Traits = ForwardTensorCoreTraits<kHeadDim>;
-  const auto kernel = forward_tensor_core_kernel<scalar_t, Traits>;
-  const size_t smem_bytes = Traits::smem_bytes(static_cast<int>(p.E), static_cast<int>(p.Ev));
-  if (!tensor_core_launch_unavailable(kernel, smem_bytes).empty()) return false;
-  launch_kernel(kernel, query_tile_items<Traits::kBlockQ>(p), smem_bytes, p);
-  return true;
-}
-
 template <typename scalar_t>
-bool try_forward_tensor_cores(const AttentionParams& p) {
-  return MHA_HEADDIM_SWITCH(std::max(p.E, p.Ev), kHeadDim,
-                            [&] { return launch_forward_tensor_cores<scalar_t, kHeadDim>(p); });
+void run_forward_tensor_cores(const AttentionParams& p) {
+  MHA_HEADDIM_SWITCH(std::max(p.E, p.Ev), kHeadDim, [&] {
+    using Traits = ForwardTensorCoreTraits<kHeadDim>;
+    launch_kernel(forward_tensor_core_kernel<scalar_t, Traits>, query_tile_items<Traits::kBlockQ>(p),
+                  Traits::smem_bytes(static_cast<int>(p.E), static_cast<int>(p.Ev)), p);
+  });
 }
 
 template <typename scalar_t>

@@ -18,20 +18,18 @@ constexpr int kMaxHeadDim = 256;
 template <typename scalar_t>
 void run_forward(const AttentionParams& p);
 // fp16/bf16 forward on tensor cores on sm80 and newer: E, Ev <= 128 on every such part, up to 256 where
-// the part allows a block 163 KiB of shared memory (sm80, sm90). Runs it and returns true where this call,
-// the device and the build allow it; otherwise does nothing and returns false, and the caller runs
-// run_forward. Instantiated for c10::Half and c10::BFloat16 only.
+// the part allows a block 163 KiB of shared memory (sm80, sm90). Runs only where
+// forward_tensor_cores_unavailable says nothing stands against it on the current device (the build has an
+// sm80+ image, the tiles fit its shared memory). Instantiated for c10::Half and c10::BFloat16 only.
 template <typename scalar_t>
-bool try_forward_tensor_cores(const AttentionParams& p);
-// Why try_forward_tensor_cores would not run this call on the current device, in words; empty where it would.
+void run_forward_tensor_cores(const AttentionParams& p);
 template <typename scalar_t>
 std::string forward_tensor_cores_unavailable(const AttentionParams& p);
 template <typename scalar_t>
 void run_backward(const AttentionGradParams& g);
-// The same for the backward (backward_tc_kernel.cuh): runs it and returns true, or returns false and the
-// caller runs run_backward.
+// The same for the backward (backward_tc_kernel.cuh).
 template <typename scalar_t>
-bool try_backward_tensor_cores(const AttentionGradParams& g);
+void run_backward_tensor_cores(const AttentionGradParams& g);
 template <typename scalar_t>
 std::string backward_tensor_cores_unavailable(const AttentionParams& p);
 template <typename scalar_t>
@@ -43,6 +41,10 @@ void run_dropout_mask(const AttentionParams& p, bool* keep);
 void dispatch_forward(const AttentionParams& p, at::ScalarType dtype);
 void dispatch_backward(const AttentionGradParams& g, at::ScalarType dtype);
 void dispatch_weights(const AttentionParams& p, at::ScalarType dtype, void* weights);
+
+// Why the tensor-core kernels do not run the forward (or the backward) of this call on the current device,
+// in words; empty where they do. The one decision dispatch_forward / dispatch_backward and explain_cuda use.
+std::string tensor_cores_unavailable(bool backward, const AttentionParams& p, at::ScalarType dtype);
 
 // What dispatch_forward and dispatch_backward run for a call on the current device, and why (explain.cu).
 Explanation explain_cuda(const AttentionParams& p, at::ScalarType dtype);
