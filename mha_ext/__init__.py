@@ -5,7 +5,8 @@
 
 The ops are torch.ops.mha_ext.attention_forward / attention_backward / attention_weights /
 attention_dropout_mask / attention_explain. mha_ext.explain(...) says which kernels a call runs and why;
-mha_ext.settings(...) switches between equivalent kernels for a scope.
+mha_ext.settings(...) switches between equivalent kernels for a scope. mha_ext.distributed (imported on its
+own) splits one sequence between the ranks of a torch.distributed group: ring and all-to-all attention.
 """
 
 from . import _loader

@@ -151,7 +151,10 @@ def dropout_mask(query, key, dropout_p, *, generator=None, rng_state=None, enabl
     generator=generator)`` makes: bool (..., H, L, S), **True = kept** (scaled by 1 / (1 - dropout_p)),
     False = dropped. Like that call, it draws the seed and offset from ``generator`` (default: the
     device's default generator), so restoring the generator's state before each of the two calls gives
-    the mask the attention call used. Pass ``rng_state`` (int64 [seed, offset]) to give them directly.
+    the mask the attention call used. Pass ``rng_state`` (int64 [seed, offset]) to give them directly, or
+    [seed, offset, row_offset, column_offset, head_offset, total_heads] for the decisions that a larger call
+    (with total_heads query heads) makes for these rows, columns and heads at those offsets: how
+    mha_ext.distributed reproduces a single-device call's dropout on each rank's slice.
     """
     require_tensor("query", query)
     require_tensor("key", key)

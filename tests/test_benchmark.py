@@ -12,6 +12,7 @@ import torch
 
 from mha_ext.benchmark import main
 from mha_ext.benchmark.cases import FORWARD, FORWARD_BACKWARD, Case, Mask, Shape, attention_flops, suite_cases
+from mha_ext.benchmark.distributed import SCENARIO_BY_NAME
 from mha_ext.benchmark.memory import measure_here
 from mha_ext.benchmark.implementations import FUNCTION, Implementation, Outputs, Runner, select_implementations
 from mha_ext.benchmark.results import MISMATCH, OK, Row, mask_overheads
@@ -166,3 +167,73 @@ def test_memory_in_process_and_in_subprocess(tmp_path):
                  "--out", str(tmp_path)]) == 0
     [measured] = json.loads((tmp_path / "results.json").read_text())["memory"]
     assert measured["implementation"] == "mha_ext" and measured["growth_mib"] is not None, measured
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="peak RSS is read from Linux /proc")
+@pytest.mark.skipif(not (torch.distributed.is_available() and torch.distributed.is_gloo_available()),
+                    reason="needs torch.distributed with gloo")
+def test_distributed_mode_reports_time_traffic_and_memory(tmp_path, capsys):
+    B, H, L, E, P = 1, 4, 64, 16, 2
+    assert main(["--distributed", "--world-sizes", "1,2", "--seq-len", str(L), "--heads", str(H), "--batch", str(B),
+                 "--head-dim", str(E), "--repeats", "2", "--timeout", "120", "--out", str(tmp_path)]) == 0
+    printed = capsys.readouterr().out
+    report = json.loads((tmp_path / "distributed.json").read_text())
+    markdown = (tmp_path / "distributed.md").read_text()
+
+    # One K/V block of one rank at P = 2, float32: key and value, (B, H, L/P, E) each.
+    block = 2 * B * H * (L // P) * E * 4
+    assert block == 16384
+    # Bytes each rank sends in one step, from the algorithms: the ring forward passes its K/V block on P - 1
+    # times; the backward passes the blocks around again (P - 1) and each block's float32 gradient behind
+    # them for a full turn back to its owner (P); Ulysses keeps 1/P of q, k, v and the output and sends the
+    # rest (4 all-to-alls of (P - 1)/P of a (B, H, L/P, E) shard).
+    shard = B * H * (L // P) * E * 4
+    expected_sent = {"ring_fwd": (P - 1) * block, "ring_fwd_causal_zigzag": (P - 1) * block,
+                     "ring_fwd_bwd": (P - 1) * block + (P - 1) * block + P * block,
+                     "ulysses_fwd": 4 * (P - 1) * shard // P}
+    assert expected_sent == {"ring_fwd": 16384, "ring_fwd_causal_zigzag": 16384, "ring_fwd_bwd": 65536,
+                             "ulysses_fwd": 16384}
+
+    baselines = {b["key"]: b for b in report["baselines"]}
+    assert set(baselines) == {"single/none/fwd", "single/causal/fwd", "single/none/fwd+bwd"}
+    for baseline in baselines.values():
+        assert baseline["threads"] == report["settings"]["cores"]
+        assert baseline["step_ms"] > 0 and len(baseline["samples_ms"]) == 2
+        assert baseline["growth_mib"] is not None and baseline["growth_mib"] >= 0
+    assert baselines["single/none/fwd"]["output_mib"] == pytest.approx(B * H * L * E * 4 / 2 ** 20)
+    assert baselines["single/none/fwd+bwd"]["output_mib"] == pytest.approx(4 * B * H * L * E * 4 / 2 ** 20)
+
+    rows = {(row["scenario"], row["world_size"]): row for row in report["rows"]}
+    assert set(rows) == {(name, p) for name in expected_sent for p in (1, 2)}
+    for (name, world_size), row in rows.items():
+        assert row["status"] == "ok", row
+        assert len(row["rank_step_ms"]) == len(row["growth_mib"]) == len(row["bytes_sent"]) == world_size
+        assert row["threads_per_rank"] == max(1, report["settings"]["cores"] // world_size)
+        assert row["step_ms"] > 0 and row["step_ms"] >= max(row["rank_step_ms"]) * 0.999
+        assert row["time_ratio"] == pytest.approx(row["step_ms"] / row["single_ms"])
+        assert row["single_ms"] == baselines[SCENARIO_BY_NAME[name].baseline]["step_ms"]
+        assert all(growth >= 0 for growth in row["growth_mib"])
+        assert row["kv_block_bytes"] == 2 * B * H * (L // world_size) * E * 4
+        assert row["memory_target_mib"] == pytest.approx(
+            row["single_growth_mib"] / world_size + row["kv_block_bytes"] / 2 ** 20)
+        assert row["memory_ratio"] == pytest.approx(max(row["growth_mib"]) / row["memory_target_mib"])
+        assert row["check_error"] <= 2e-4  # each rank's shard matched the single-process op on tiny inputs
+        if world_size == 1:
+            assert row["bytes_sent"] == [0] and row["bytes_received"] == [0]
+        else:
+            assert row["bytes_sent"] == [expected_sent[name]] * P, name
+            assert row["bytes_received"] == row["bytes_sent"], name
+            assert all(messages > 0 for messages in row["messages"]), name
+        assert row["others_busy"] is None or 0 <= row["others_busy"] <= 1
+        if name == "ring_fwd" and world_size == P:
+            assert row["shift_ms"] > 0 and row["shift_gbps"] == pytest.approx(block / (row["shift_ms"] * 1e-3) / 1e9)
+            assert "## Ring shift alone" in markdown
+        assert f"| {name} | {world_size} |" in markdown
+
+    targets = {t["description"]: t for t in report["targets"]}
+    time_target = targets["ring forward at P = 2: step time / single-process op"]
+    assert time_target["rows"] == 1 and isinstance(time_target["passed"], bool)
+    memory = targets["per-rank peak RSS growth / (single-process growth / P + one K/V block)"]
+    assert memory["rows"] == len(rows) and isinstance(memory["passed"], bool)
+    assert "target: ring forward at P = 2" in printed and "## Targets (issue 17)" in markdown

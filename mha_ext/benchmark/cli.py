@@ -61,6 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
                         f"implementations ({', '.join(MEMORY_DEFAULT_IMPLEMENTATIONS)}) into the same report")
     parser.add_argument("--list", action="store_true", help="list the selected cases and exit")
     parser.add_argument("--no-chart", action="store_true", help="do not draw the PNG chart")
+    parser.add_argument("--distributed", action="store_true",
+                        help="instead: sequence-parallel attention (mha_ext.distributed) on local gloo ranks against "
+                        "the single-process op; its own options: --distributed --help (see distributed.py)")
     return parser
 
 
@@ -97,6 +100,10 @@ def _run_memory(cases, names, args) -> list[dict]:
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if "--distributed" in argv:
+        from .distributed import main as distributed_main
+
+        return distributed_main([arg for arg in argv if arg != "--distributed"])
     parser = build_parser()
     args = parser.parse_args(argv)
     device = torch.device(args.device)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -22,6 +24,18 @@ def _keep_torch_fast_paths_off(module, args):
     presence is what keeps mha_ext's kernels on that path.
     """
     return None
+
+
+@contextlib.contextmanager
+def _layer_errors():
+    """torch's layer raises AssertionError (and RuntimeError) for bad input: mha_ext's layer errors are those
+    too, so the op's errors are re-raised as them."""
+    try:
+        yield
+    except AttentionTypeError as error:
+        raise LayerTypeError(str(error)) from None
+    except AttentionValueError as error:
+        raise LayerValueError(str(error)) from None
 
 
 def _linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
@@ -111,14 +125,9 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
         are ``(N, L, S)`` averaged or ``(N, num_heads, L, S)`` per head, ``None`` when
         ``need_weights=False``.
         """
-        # torch's layer raises AssertionError (and RuntimeError) for bad input: mha_ext's errors are those too.
-        try:
+        with _layer_errors():
             return self._attention(query, key, value, key_padding_mask, need_weights, attn_mask,
                                    average_attn_weights, is_causal)
-        except AttentionTypeError as error:
-            raise LayerTypeError(str(error)) from None
-        except AttentionValueError as error:
-            raise LayerValueError(str(error)) from None
 
     def _attention(self, query, key, value, key_padding_mask, need_weights, attn_mask, average_attn_weights,
                    is_causal):
@@ -128,28 +137,8 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
                 "is_causal=True needs attn_mask (the causal mask it hints at), like torch.nn.MultiheadAttention; "
                 "use torch.nn.Transformer.generate_square_subsequent_mask to build it"
             )
-        # Decided before the inputs are reshaped, which creates new tensor objects.
-        self_attention = query is key and key is value
-        key_is_value = key is value
-        batch_first = self.batch_first or not is_batched
-        if not is_batched:
-            query, key, value = query.unsqueeze(0), key.unsqueeze(0), value.unsqueeze(0)
-            if key_padding_mask is not None:
-                key_padding_mask = key_padding_mask.unsqueeze(0)
-
-        q, k, v = self._project(query, key, value, self_attention, key_is_value, batch_first)
-        batch = q.shape[0]
-        heads, head_dim = self.num_heads, self.head_dim
-
-        extra_keys = 0
-        if self.bias_k is not None:  # bias_v comes with it (add_bias_kv)
-            k = torch.cat([k, self.bias_k.view(1, heads, 1, head_dim).expand(batch, -1, -1, -1)], dim=2)
-            v = torch.cat([v, self.bias_v.view(1, heads, 1, head_dim).expand(batch, -1, -1, -1)], dim=2)
-            extra_keys += 1
-        if self.add_zero_attn:
-            k = torch.cat([k, k.new_zeros(batch, heads, 1, head_dim)], dim=2)
-            v = torch.cat([v, v.new_zeros(batch, heads, 1, head_dim)], dim=2)
-            extra_keys += 1
+        q, k, v, key_padding_mask, batch_first = self._input_heads(query, key, value, key_padding_mask, is_batched)
+        k, v, extra_keys = self._append_extra_keys(k, v)
 
         # torch.nn.MultiheadAttention trusts the is_causal hint only in this case and uses
         # attn_mask otherwise; doing the same gives the same result even for a wrong hint.
@@ -170,9 +159,7 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
         )
         out, lse = result if need_weights else (result, None)
 
-        # (N, H, L, D) -> (N, L, E) or (L, N, E), then the output projection.
-        out = out.permute(0, 2, 1, 3) if batch_first else out.permute(2, 0, 1, 3)
-        out = _linear(out.flatten(-2), self.out_proj.weight, self.out_proj.bias)
+        out = self._output_projection(out, batch_first)
 
         weights = None
         if need_weights:
@@ -183,6 +170,39 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
             out = out.squeeze(0)
             weights = None if weights is None else weights.squeeze(0)
         return out, weights
+
+    def _input_heads(self, query, key, value, key_padding_mask, is_batched):
+        """The projected ``(N, H, L, D)`` q, k, v, the key_padding_mask with a batch dim, and whether the
+        projections are batch-first (unbatched inputs are run as a batch of one)."""
+        # Decided before the inputs are reshaped, which creates new tensor objects.
+        self_attention = query is key and key is value
+        key_is_value = key is value
+        batch_first = self.batch_first or not is_batched
+        if not is_batched:
+            query, key, value = query.unsqueeze(0), key.unsqueeze(0), value.unsqueeze(0)
+            if key_padding_mask is not None:
+                key_padding_mask = key_padding_mask.unsqueeze(0)
+        q, k, v = self._project(query, key, value, self_attention, key_is_value, batch_first)
+        return q, k, v, key_padding_mask, batch_first
+
+    def _append_extra_keys(self, k, v):
+        """k, v with the keys of ``add_bias_kv`` / ``add_zero_attn`` appended, and how many were appended."""
+        batch, heads, head_dim = k.shape[0], self.num_heads, self.head_dim
+        extra_keys = 0
+        if self.bias_k is not None:  # bias_v comes with it (add_bias_kv)
+            k = torch.cat([k, self.bias_k.view(1, heads, 1, head_dim).expand(batch, -1, -1, -1)], dim=2)
+            v = torch.cat([v, self.bias_v.view(1, heads, 1, head_dim).expand(batch, -1, -1, -1)], dim=2)
+            extra_keys += 1
+        if self.add_zero_attn:
+            k = torch.cat([k, k.new_zeros(batch, heads, 1, head_dim)], dim=2)
+            v = torch.cat([v, v.new_zeros(batch, heads, 1, head_dim)], dim=2)
+            extra_keys += 1
+        return k, v, extra_keys
+
+    def _output_projection(self, out, batch_first):
+        """The op's ``(N, H, L, D)`` output -> ``(N, L, E)`` or ``(L, N, E)``, through ``out_proj``."""
+        out = out.permute(0, 2, 1, 3) if batch_first else out.permute(2, 0, 1, 3)
+        return _linear(out.flatten(-2), self.out_proj.weight, self.out_proj.bias)
 
     def _project(self, query, key, value, self_attention, key_is_value, batch_first):
         """Input projections, returned as per-head views ``(N, H, L, D)`` of the projected tensors.
@@ -267,7 +287,7 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
             if x.shape[-1] != dim:
                 expected = "embed_dim" if name == "query" else name[0] + "dim"
                 raise LayerValueError(f"{name} must have {dim} features ({expected}), got shape {tuple(x.shape)}")
-        seq_dim = 1 if self.batch_first and is_batched else 0
+        seq_dim = self._sequence_dim(is_batched)
         if key.shape[seq_dim] != value.shape[seq_dim]:
             raise LayerValueError(
                 "key and value must have the same sequence length, "
@@ -283,6 +303,15 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
                     raise LayerValueError(
                         f"{name} must have query's batch size {batch} in dim {batch_dim}, got shape {tuple(x.shape)}"
                     )
+        self._check_masks(key_padding_mask, attn_mask, is_batched, batch, L, S)
+        return is_batched
+
+    def _sequence_dim(self, is_batched) -> int:
+        """The sequence dim of the layer's inputs: 1 for batch_first batches, else 0."""
+        return 1 if self.batch_first and is_batched else 0
+
+    def _check_masks(self, key_padding_mask, attn_mask, is_batched, batch, L, S) -> None:
+        """Mask shapes against the batch size, the query length L and the key length S."""
         if key_padding_mask is not None:
             expected = (batch, S) if is_batched else (S,)
             if tuple(key_padding_mask.shape) != expected:
@@ -296,4 +325,3 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
                     f"attn_mask must have shape {(L, S)} (L, S) or {expected_3d} (N * num_heads, L, S), "
                     f"got {tuple(attn_mask.shape)}"
                 )
-        return is_batched
