@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 
 from ..errors import AttentionValueError
-from ._comm import group_rank_and_size
+from ._comm import all_gather_ints, group_rank_and_size
 
 LAYOUTS = ("contiguous", "zigzag")
 
@@ -84,10 +84,7 @@ def unshard(local: torch.Tensor, dim: int = -2, *, layout: str = "contiguous", g
     layout = check_layout(layout)
     rank, world_size = group_rank_and_size(group)
     dim = dim % local.dim()
-    lengths = torch.tensor([local.size(dim)], device=local.device)
-    gathered = [torch.empty_like(lengths) for _ in range(world_size)]
-    dist.all_gather(gathered, lengths, group=group)
-    lengths = [int(t) for t in gathered]
+    lengths = [length for (length,) in all_gather_ints([local.size(dim)], group, local.device)]
     check_lengths(layout, "tensor's", lengths)
     # all_gather takes equal sizes: pad every shard to the longest.
     padded_shape = list(local.shape)

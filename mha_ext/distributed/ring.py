@@ -85,7 +85,8 @@ def _turn(setup: _Setup, key, value):
 def _forward(setup: _Setup, query, key, value, attn_mask, attn_bias):
     lead = ops._leading_shape(query, key, value) + (query.size(-2),)
     acc = ops._accumulation_dtype(query.dtype)
-    out = lse = None
+    out = query.new_zeros(lead + (value.size(-1),), dtype=acc)
+    lse = query.new_full(lead, float("-inf"), dtype=acc)
     # Calls of a quarter of the rows (at least _MIN_CALL_ROWS): each call's partial output, alive until it is
     # merged, is then a quarter of the output's size.
     max_rows = max(_MIN_CALL_ROWS, -(-query.size(-2) // 4))
@@ -93,16 +94,7 @@ def _forward(setup: _Setup, query, key, value, attn_mask, attn_bias):
         for call in _blocks.split_rows(setup.calls(owner), max_rows):
             part_out, part_lse = run_op(_ops.attention_forward,
                                         *_call_args(setup, call, query, block_key, block_value, attn_mask, attn_bias))
-            if out is None and part_out.dtype == acc and tuple(part_lse.shape) == lead:
-                out, lse = part_out, part_lse   # a first result for every row is the running result itself
-                continue
-            if out is None:
-                out = query.new_zeros(lead + (value.size(-1),), dtype=acc)
-                lse = query.new_full(lead, float("-inf"), dtype=acc)
             _blocks.merge(out, lse, call.rows, part_out, part_lse)
-    if out is None:   # no key visible to any row (or no rows)
-        out = query.new_zeros(lead + (value.size(-1),), dtype=acc)
-        lse = query.new_full(lead, float("-inf"), dtype=acc)
     return out.to(query.dtype), lse
 
 
