@@ -19,6 +19,21 @@ TORCH_LIBRARY(mha_ext, m) {
       "attention_backward(Tensor grad_output, Tensor output, Tensor lse, Tensor? grad_lse, bool mask_requires_grad, "
       "bool bias_requires_grad, Tensor query, Tensor key, Tensor value, Tensor? attn_mask, Tensor? attn_bias, "
       "str causal, float scale, float dropout_p=0.0, Tensor? rng_state=None) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // Variable-length (packed) attention, FlashAttention's varlen layout (attention/varlen.h): query
+  // (total_q, Hq, E), key (total_k, Hkv, E), value (total_k, Hkv, Ev), sequence n at rows
+  // [cu_seqlens[n], cu_seqlens[n + 1]) of each (int32 or int64 offsets). attn_mask / attn_bias broadcast to
+  // (batch, H, max_seqlen_q, max_seqlen_k), sequence n reading [n, :, :L_n, :S_n]. Returns (output
+  // (total_q, H, Ev), lse (H, total_q)); the backward mirrors attention_backward's argument order.
+  m.def(
+      "varlen_attention_forward(Tensor query, Tensor key, Tensor value, Tensor cu_seqlens_q, Tensor cu_seqlens_k, "
+      "int max_seqlen_q, int max_seqlen_k, Tensor? attn_mask, Tensor? attn_bias, str causal, float scale, "
+      "float dropout_p=0.0, Tensor? rng_state=None) -> (Tensor, Tensor)");
+  m.def(
+      "varlen_attention_backward(Tensor grad_output, Tensor output, Tensor lse, Tensor? grad_lse, "
+      "bool mask_requires_grad, bool bias_requires_grad, Tensor query, Tensor key, Tensor value, "
+      "Tensor cu_seqlens_q, Tensor cu_seqlens_k, int max_seqlen_q, int max_seqlen_k, Tensor? attn_mask, "
+      "Tensor? attn_bias, str causal, float scale, float dropout_p=0.0, Tensor? rng_state=None) "
+      "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   // Attention dropout keeps a (query, key) pair with probability 1 - dropout_p, scaling it by
   // 1 / (1 - dropout_p); rng_state = int64 [seed, offset] keys the counter-based RNG, and [seed, offset,
   // row_offset, column_offset, head_offset, total_heads] makes a slice of a larger call (its rows, columns

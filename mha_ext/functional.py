@@ -97,6 +97,10 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
             float64 inputs), -inf for rows with nothing to attend (computed before dropout).
         generator: the torch.Generator dropout draws its seed and offset from.
 
+    Jagged nested tensors (``torch.nested``, ``layout=torch.jagged``, ``(B, H, j, D)`` as torch's SDPA takes
+    them) run on the varlen kernels (mha_ext.varlen_attention), without padding: each sequence attends to its
+    own keys, ``is_causal`` per sequence (torch refuses causal nested calls); masks are refused, as torch does.
+
     A query row with nothing left to attend to yields 0 (and zero gradients), never NaN; a NaN or inf among
     a row's scores makes its output, LSE and gradients NaN, as in torch.
     dtypes: float32, float64, bfloat16, float16 (accumulating in float32). A floating mask or bias has the
@@ -109,6 +113,11 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     require_tensor("value", value)
     require_optional_tensor("attn_mask", attn_mask)
     require_optional_tensor("attn_bias", attn_bias)
+    if query.is_nested:
+        from ._jagged import jagged_attention  # imports varlen, which imports this module
+
+        return jagged_attention(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, attn_bias,
+                                return_lse, generator)
     dropout_p = check_dropout_p(dropout_p)
     scale = resolve_scale(scale, query.size(-1) if query.dim() else 0)
     causal, attn_mask = causal_alignment(is_causal, attn_mask, query, key)

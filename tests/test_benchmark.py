@@ -237,3 +237,78 @@ def test_distributed_mode_reports_time_traffic_and_memory(tmp_path, capsys):
     memory = targets["per-rank peak RSS growth / (single-process growth / P + one K/V block)"]
     assert memory["rows"] == len(rows) and isinstance(memory["passed"], bool)
     assert "target: ring forward at P = 2" in printed and "## Targets (issue 17)" in markdown
+
+
+def test_varlen_lengths_are_long_tailed_and_seeded():
+    import statistics
+
+    from mha_ext.benchmark.varlen import LengthStats, long_tailed_lengths
+
+    lengths = long_tailed_lengths(32, 512, mean_ratio=0.55, sigma=0.8, seed=0)
+    assert lengths == long_tailed_lengths(32, 512, mean_ratio=0.55, sigma=0.8, seed=0)
+    assert len(lengths) == 32 and max(lengths) == 512 and min(lengths) >= 1
+    stats = LengthStats(32, 512, tuple(lengths))
+    assert abs(stats.mean_ratio - 0.55) < 0.01
+    assert stats.attention_share == sum(n * n for n in lengths) / (32 * 512 ** 2) < stats.mean_ratio
+    assert statistics.median(lengths) < stats.tokens / 32  # long tail: the median is below the mean
+
+
+def test_varlen_encoder_flop_bound_hand_computed():
+    from mha_ext.benchmark.varlen import EncoderShape, LengthStats, encoder_flop_bound
+
+    shape = EncoderShape("hand", hidden=2, layers=1, heads=1, intermediate=4)
+    # Per token 2 * (4 h^2 + 2 h I) = 2 * (16 + 16) = 64; attention 4 h sum(L^2) = 8 sum(L^2).
+    bound = encoder_flop_bound(shape, LengthStats(2, 4, (4, 2)))
+    padded, unpadded = 8 * 64 + 8 * 32, 6 * 64 + 8 * 20
+    assert bound["bound"] == pytest.approx(padded / unpadded)
+    assert bound["attention_share_padded"] == pytest.approx(8 * 32 / padded)
+
+
+def test_varlen_targets_judge_the_varlen_rows_only():
+    from mha_ext.benchmark.varlen import E2ERow, OpRow, evaluate_targets
+
+    op = [OpRow("a/none/fwd/float32", "mha_ext_varlen", 512, False, FORWARD, "float32", 0.55, 0.39, ratio=2.0),
+          OpRow("b/none/fwd/float32", "mha_ext_varlen", 128, False, FORWARD, "float32", 0.55, 0.39, ratio=1.4),
+          OpRow("b/none/fwd/float32", "mha_ext_padded", 128, False, FORWARD, "float32", 0.55, 0.39, ratio=0.5),
+          OpRow("c/none/fwd/float32", "mha_ext_varlen", 128, False, FORWARD, "float32", 0.9, 0.8, ratio=1.0)]
+    e2e = [E2ERow("m/B32_max128", "m", "mha_ext_unpadded", 32, 128, 0.55, 1.8, ratio=1.6),
+           E2ERow("m/B32_max128", "m", "mha_ext_padded", 32, 128, 0.55, 1.8, ratio=1.0)]
+    op_target, e2e_target = evaluate_targets(op, e2e)
+    assert (op_target.rows, op_target.passed, op_target.worst) == (2, False, "1.40 (b/none/fwd/float32)")
+    assert (e2e_target.rows, e2e_target.passed) == (1, True)
+    assert [t.passed for t in evaluate_targets(op, e2e, judged=False)] == [None, None]
+    assert evaluate_targets([], [])[0].note == "no row measured"
+
+
+def test_varlen_mode_quick_writes_rows_and_targets(tmp_path, capsys):
+    assert main(["--varlen", "--quick", "--batch", "4", "--max-lens", "32", "--no-profile",
+                 "--out", str(tmp_path)]) == 0
+    printed = capsys.readouterr().out
+    report = json.loads((tmp_path / "varlen.json").read_text())
+    markdown = (tmp_path / "varlen.md").read_text()
+
+    op_rows = {(row["case"], row["implementation"]): row for row in report["op_rows"]}
+    cases = {case for case, _ in op_rows}
+    assert cases == {f"B4_H2_E16_max32/{mask}/{direction}/float32" for mask in ("none", "causal")
+                     for direction in ("fwd", "fwd+bwd")}
+    for (case, name), row in op_rows.items():
+        assert f"| {case} |" in markdown and name in markdown
+        if name == "sdpa_nested" and "/causal/" in case:
+            assert row["status"] == "refused" and "causal" in row["note"]  # torch's own reason, kept
+            continue
+        assert row["status"] == "ok", row  # matched the float64 reference on the real tokens
+        assert row["median_ms"] > 0 and row["ratio"] > 0 and row["check_error"] < 1e-4
+        if name == "sdpa_padded":
+            assert row["ratio"] == 1.0 and "flash_attention_for_cpu" in row["backend"]
+    assert "sum(L^2)/(B*max^2)" in printed and "mean/max" in printed
+
+    e2e = {row["implementation"]: row for row in report["e2e_rows"]}
+    assert set(e2e) == {"hf_sdpa_padded", "mha_ext_unpadded", "mha_ext_padded"}
+    assert e2e["hf_sdpa_padded"]["status"] == "ok" and e2e["mha_ext_padded"]["status"] == "ok"
+    assert e2e["mha_ext_unpadded"]["status"] in ("ok", "unavailable"), e2e["mha_ext_unpadded"]
+    for row in e2e.values():
+        assert 1.0 < row["flop_bound"] < 2.0 and f"| {row['implementation']} |" in markdown
+
+    assert [t["threshold"] for t in report["targets"]] == [">= 1.5", ">= 1.5"]
+    assert all(t["passed"] is None for t in report["targets"])  # --quick judges nothing
+    assert "## Targets (issue 16, CPU)" in markdown and printed.count("target: ") == 2

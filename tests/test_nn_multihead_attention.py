@@ -397,11 +397,3 @@ def test_bad_input_raises_clear_errors(call, error, match):
     layer = mha_ext.nn.MultiheadAttention(E, H)
     with pytest.raises(error, match=match):
         call(layer, torch.randn(L, N, E))
-
-
-@pytest.mark.filterwarnings("ignore:The PyTorch API of nested tensors")
-def test_nested_tensor_raises():
-    layer = mha_ext.nn.MultiheadAttention(E, H, batch_first=True)
-    x = torch.nested.nested_tensor([torch.randn(3, E), torch.randn(5, E)])
-    with pytest.raises(ValueError, match="nested tensor"):
-        layer(x, x, x)

@@ -8,6 +8,7 @@
 #include <torch/library.h>
 
 #include "attention/entry.h"
+#include "attention/varlen.h"
 
 namespace mha_ext {
 
@@ -31,6 +32,8 @@ void register_backend(torch::Library& m) {
   m.impl("attention_weights", &BackendOp<&attention_weights, backend>::call);
   m.impl("attention_dropout_mask", &BackendOp<&attention_dropout_mask, backend>::call);
   m.impl("attention_explain", &BackendOp<&attention_explain, backend>::call);
+  m.impl("varlen_attention_forward", &BackendOp<&varlen_attention_forward, backend>::call);
+  m.impl("varlen_attention_backward", &BackendOp<&varlen_attention_backward, backend>::call);
 }
 
 }  // namespace mha_ext

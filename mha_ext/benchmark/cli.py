@@ -64,6 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--distributed", action="store_true",
                         help="instead: sequence-parallel attention (mha_ext.distributed) on local gloo ranks against "
                         "the single-process op; its own options: --distributed --help (see distributed.py)")
+    parser.add_argument("--varlen", action="store_true",
+                        help="instead: packed (varlen) attention on a long-tailed batch of lengths against padding, "
+                        "the op and a BERT-size encoder; its own options: --varlen --help (see varlen.py)")
     return parser
 
 
@@ -104,6 +107,10 @@ def main(argv=None) -> int:
         from .distributed import main as distributed_main
 
         return distributed_main([arg for arg in argv if arg != "--distributed"])
+    if "--varlen" in argv:
+        from .varlen import main as varlen_main
+
+        return varlen_main([arg for arg in argv if arg != "--varlen"])
     parser = build_parser()
     args = parser.parse_args(argv)
     device = torch.device(args.device)

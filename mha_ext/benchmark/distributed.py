@@ -29,11 +29,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
-import json
 import multiprocessing
 import os
 import queue
-import resource
 import shlex
 import socket
 import statistics
@@ -44,7 +42,9 @@ import traceback
 import torch
 
 from .cases import FORWARD, FORWARD_BACKWARD, Shape as CaseShape, attention_flops
-from .environment import describe
+from .environment import describe, machine_busy_cpu_s, own_cpu_s
+from .report import write_report_files
+from .results import TargetResult
 from .memory import MIB, _PeakMeter, _tensor_bytes
 
 TIME_TARGET = 1.3        # ring forward at P = 2: step time <= 1.3 x the single-process op's
@@ -317,8 +317,7 @@ def _process_main(rank: int, job: Job, port: int, results) -> None:
         if not fixed:
             result["meter_note"] = (result["meter_note"] + "; " if result["meter_note"] else "") + \
                 "malloc's mmap threshold not fixed (no glibc): the peak depends on the heap's history"
-        usage = resource.getrusage(resource.RUSAGE_SELF)
-        result["cpu_s"] = usage.ru_utime + usage.ru_stime   # this process, all its threads (gloo's included)
+        result["cpu_s"] = own_cpu_s()   # this process, all its threads (gloo's included)
         results.put(("ok", rank, result))
         if job.world_size:
             dist.destroy_process_group()
@@ -359,27 +358,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _busy_cpu_s() -> float | None:
-    """CPU seconds the whole machine has been busy (not idle or waiting for I/O; stolen time counts as busy),
-    from /proc/stat (Linux), or None."""
-    try:
-        with open("/proc/stat") as stat:
-            values = [int(v) for v in stat.readline().split()[1:9]]  # user .. steal (guest is inside user)
-    except (OSError, ValueError):
-        return None
-    return (sum(values) - values[3] - values[4]) / os.sysconf("SC_CLK_TCK")
-
-
-def _own_cpu_s() -> float:
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
-
-
 def run_job(job: Job, timeout_s: float) -> tuple[list[dict], float | None]:
     """The job's per-process results in rank order, and the share of the machine's CPU time that other
     processes used meanwhile (None where unknown); raises MeasurementFailed when a process fails or time runs
     out (the other processes are then stopped, not waited for)."""
-    busy_before, own_before, began = _busy_cpu_s(), _own_cpu_s(), time.monotonic()
+    busy_before, own_before, began = machine_busy_cpu_s(), own_cpu_s(), time.monotonic()
     context = _context()
     results = context.Queue()
     port = _free_port() if job.world_size else 0
@@ -398,7 +381,7 @@ def run_job(job: Job, timeout_s: float) -> tuple[list[dict], float | None]:
             if status == "error":
                 raise MeasurementFailed(f"rank {rank} failed:\n{value}")
             outcome[rank] = value
-        busy_after, wall = _busy_cpu_s(), time.monotonic() - began
+        busy_after, wall = machine_busy_cpu_s(), time.monotonic() - began
     finally:
         for process in processes:
             process.join(timeout=5)
@@ -408,7 +391,7 @@ def run_job(job: Job, timeout_s: float) -> tuple[list[dict], float | None]:
         results.close()
     others = None
     if busy_before is not None and busy_after is not None:
-        ours = sum(r["cpu_s"] for r in outcome) + _own_cpu_s() - own_before
+        ours = sum(r["cpu_s"] for r in outcome) + own_cpu_s() - own_before
         others = max(0.0, busy_after - busy_before - ours) / (wall * (os.cpu_count() or 1))
     return outcome, others
 
@@ -530,25 +513,16 @@ def measure_row(scenario: Scenario, shape: Shape, world_size: int, baseline: Bas
     return row
 
 
-@dataclasses.dataclass
-class Target:
-    description: str
-    needs: str
-    rows: int
-    worst: str
-    passed: bool | None
-
-
-def evaluate_targets(rows: list[DistributedRow]) -> list[Target]:
+def evaluate_targets(rows: list[DistributedRow]) -> list[TargetResult]:
     timed = [r for r in rows if r.scenario == "ring_fwd" and r.world_size == TIME_TARGET_WORLD
              and r.time_ratio is not None]
-    time_target = Target(f"ring forward at P = {TIME_TARGET_WORLD}: step time / single-process op",
+    time_target = TargetResult(f"ring forward at P = {TIME_TARGET_WORLD}: step time / single-process op",
                          f"<= {TIME_TARGET}", len(timed), "", None)
     if timed:
         time_target.worst = f"{max(r.time_ratio for r in timed):.2f}"
         time_target.passed = all(r.time_ratio <= TIME_TARGET for r in timed)
     measured = [r for r in rows if r.memory_ratio is not None]
-    memory_target = Target("per-rank peak RSS growth / (single-process growth / P + one K/V block)",
+    memory_target = TargetResult("per-rank peak RSS growth / (single-process growth / P + one K/V block)",
                            f"<= {MEMORY_TARGET}", len(measured), "", None)
     if measured:
         worst = max(measured, key=lambda r: r.memory_ratio)
@@ -664,7 +638,7 @@ def markdown_section(report: dict, level: int = 1) -> str:
                          f"{_num(r['shift_gbps'], 2)} | {_num(per_step)} | {r['shift_ms'] / per_step:.1%} |")
     parts += ["", f"{h}# Targets (issue 17)", "", "| target | needs | rows | worst | met |", "|---|---|---|---|---|"]
     for t in report["targets"]:
-        parts.append(f"| {t['description']} | {t['needs']} | {t['rows']} | {t['worst']} | {_verdict(t['passed'])} |")
+        parts.append(f"| {t['description']} | {t['threshold']} | {t['rows']} | {t['worst']} | {_verdict(t['passed'])} |")
     return "\n".join(parts) + "\n"
 
 
@@ -684,7 +658,7 @@ def console_table(report: dict) -> str:
                      f"{_num(r['memory_target_mib']):>7} {_num(r['memory_ratio'], 2):>6} "
                      f"{_percent(r['others_busy']):>6}")
     for t in report["targets"]:
-        lines.append(f"target: {t['description']} {t['needs']}: worst {t['worst'] or '-'} -> "
+        lines.append(f"target: {t['description']} {t['threshold']}: worst {t['worst'] or '-'} -> "
                      f"{_verdict(t['passed']) or 'not measured'}")
     return "\n".join(lines)
 
@@ -834,14 +808,7 @@ def main(argv=None) -> int:
         "rows": [dict(dataclasses.asdict(r), max_growth_mib=r.max_growth_mib) for r in rows],
         "targets": [dataclasses.asdict(t) for t in evaluate_targets(rows)],
     }
-    os.makedirs(args.out, exist_ok=True)
-    json_path = os.path.join(args.out, f"{args.name}.json")
-    markdown_path = os.path.join(args.out, f"{args.name}.md")
-    with open(json_path, "w") as f:
-        json.dump(report, f, indent=1, default=str)
-        f.write("\n")
-    with open(markdown_path, "w") as f:
-        f.write(markdown_section(report))
+    json_path, markdown_path = write_report_files(report, args.out, args.name, markdown_section(report))
     print(console_table(report))
     print("wrote", json_path, markdown_path, flush=True)
     return 0 if all(r.status != "error" for r in rows) and all(b.step_ms for b in baselines.values()) else 1

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import platform
+import resource
 import subprocess
 import time
 
@@ -77,6 +78,23 @@ def _cpu_times() -> tuple[int, int] | None:
     except (OSError, ValueError):
         return None
     return values[3] + values[4], sum(values)  # idle + iowait
+
+
+def machine_busy_cpu_s() -> float | None:
+    """CPU seconds the whole machine has been busy (not idle or waiting for I/O; stolen time counts as busy),
+    from /proc/stat (Linux), or None."""
+    try:
+        with open("/proc/stat") as stat:
+            values = [int(v) for v in stat.readline().split()[1:9]]  # user .. steal (guest is inside user)
+    except (OSError, ValueError):
+        return None
+    return (sum(values) - values[3] - values[4]) / os.sysconf("SC_CLK_TCK")
+
+
+def own_cpu_s() -> float:
+    """CPU seconds this process has used (user + system)."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
 
 def cpu_busy_fraction(seconds: float = 0.5) -> float | None:

@@ -4,6 +4,7 @@ console table, results JSON and the Markdown report."""
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 
@@ -221,6 +222,18 @@ def environment_lines(run: RunResult) -> list[str]:
         lines.append(f"reference: {gemm['label']} {gemm['size']}x{gemm['size']} {gemm['dtype']}: "
                      f"{gemm['gflops']:,.1f} GFLOP/s (median of {gemm['repeats']}, measured in this run)")
     return lines
+
+
+def write_report_files(report: dict, out: str, name: str, markdown: str) -> tuple[str, str]:
+    """A mode's report as ``out/NAME.json`` (the dict) and ``out/NAME.md`` (its markdown); returns both paths."""
+    os.makedirs(out, exist_ok=True)
+    json_path, markdown_path = os.path.join(out, f"{name}.json"), os.path.join(out, f"{name}.md")
+    with open(json_path, "w") as f:
+        json.dump(report, f, indent=1, default=str)
+        f.write("\n")
+    with open(markdown_path, "w") as f:
+        f.write(markdown)
+    return json_path, markdown_path
 
 
 def write_json(path, run: RunResult) -> None:

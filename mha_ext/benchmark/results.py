@@ -95,6 +95,7 @@ class TargetResult:
     rows: int
     worst: str  # the worst value and where, or why there is none
     passed: bool | None  # None: nothing measured
+    note: str = ""  # why there is no verdict, where a mode says so (--varlen)
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -12,6 +12,7 @@ from .. import masks
 from .._checks import require_tensor
 from ..errors import AttentionTypeError, AttentionValueError, LayerTypeError, LayerValueError
 from ..functional import attention_weights, scaled_dot_product_attention
+from ..varlen import unpack, varlen_attention
 
 __all__ = ["MultiheadAttention"]
 
@@ -36,6 +37,16 @@ def _layer_errors():
         raise LayerTypeError(str(error)) from None
     except AttentionValueError as error:
         raise LayerValueError(str(error)) from None
+
+
+# How _split_heads arranges a projection (..., count * H * D) viewed as (..., count, H, D): count tensors of the
+# op's layout, (N, H, L, D) for batched inputs and (total, H, D) for packed tokens.
+_HEADS_ORDER = {"batch_first": (2, 0, 3, 1, 4), "sequence_first": (2, 1, 3, 0, 4), "packed": (1, 0, 2, 3)}
+
+
+def _as_jagged(x: Tensor) -> Tensor:
+    """A nested tensor in the jagged layout (torch's strided nested tensors are copied; autograd follows)."""
+    return x if x.layout == torch.jagged else torch.nested.as_nested_tensor(list(x.unbind()), layout=torch.jagged)
 
 
 def _linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
@@ -66,8 +77,13 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
     expanded. Differences from torch: a query with every key masked gets zeros (output and
     weights) instead of NaN; the returned attention weights come from the fused kernels (the
     softmax recomputed from the log-sum-exp), before dropout, and cannot be back-propagated through;
-    nested tensors are not supported; a projection bias of another dtype than its weight is added in the
-    weight's dtype. Bad input raises ``mha_ext.errors.LayerValueError`` / ``LayerTypeError``, which are
+    a projection bias of another dtype than its weight is added in the weight's dtype.
+
+    Nested ``(N, j, E)`` inputs (``batch_first=True``), torch's strided ones and jagged ones
+    (``layout=torch.jagged``), run without padding: the projections on the tokens and attention on the varlen
+    kernels, in training too (torch's layer takes strided nested tensors only on its inference fast path). The
+    output is nested in the query's layout; as in torch, masks are refused with nested inputs (the lengths are
+    the padding) and the weights are padded ``(N, L_max, S_max)``, zero outside each sequence. Bad input raises ``mha_ext.errors.LayerValueError`` / ``LayerTypeError``, which are
     ``AssertionError`` and ``RuntimeError`` (what torch's layer raises) as well as ``ValueError`` /
     ``TypeError``.
     """
@@ -131,6 +147,9 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
 
     def _attention(self, query, key, value, key_padding_mask, need_weights, attn_mask, average_attn_weights,
                    is_causal):
+        if any(isinstance(x, Tensor) and x.is_nested for x in (query, key, value)):
+            return self._nested_attention(query, key, value, key_padding_mask, need_weights, attn_mask,
+                                          average_attn_weights, is_causal)
         is_batched = self._check_inputs(query, key, value, key_padding_mask, attn_mask)
         if is_causal and attn_mask is None:
             raise LayerValueError(
@@ -182,8 +201,60 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
             query, key, value = query.unsqueeze(0), key.unsqueeze(0), value.unsqueeze(0)
             if key_padding_mask is not None:
                 key_padding_mask = key_padding_mask.unsqueeze(0)
-        q, k, v = self._project(query, key, value, self_attention, key_is_value, batch_first)
+        layout = "batch_first" if batch_first else "sequence_first"
+        q, k, v = self._project(query, key, value, self_attention, key_is_value, layout)
         return q, k, v, key_padding_mask, batch_first
+
+    def _nested_attention(self, query, key, value, key_padding_mask, need_weights, attn_mask, average_attn_weights,
+                          is_causal):
+        """Nested ``(N, j, E)`` query, key and value: tokens projected as they lie, attention by varlen_attention."""
+        for name, x in (("query", query), ("key", key), ("value", value)):
+            require_tensor(name, x)
+            if not x.is_nested or x.dim() != 3:
+                raise LayerValueError(
+                    f"with a nested query, {name} must be a nested (N, j, E) tensor too, got "
+                    f"{'a nested' if x.is_nested else 'a dense'} tensor of shape {tuple(x.shape)}")
+        if not self.batch_first:
+            raise LayerValueError("nested inputs need batch_first=True (as torch.nn.MultiheadAttention's)")
+        if key_padding_mask is not None or attn_mask is not None or is_causal:
+            raise LayerValueError(
+                "key_padding_mask, attn_mask and is_causal are not supported with nested inputs (as in "
+                "torch.nn.MultiheadAttention): the nested tensors' lengths are the padding")
+        if self.bias_k is not None or self.add_zero_attn:
+            raise LayerValueError("add_bias_kv and add_zero_attn are not supported with nested inputs")
+        self_attention, key_is_value = query is key and key is value, key is value
+        jagged_query = _as_jagged(query)
+        jagged_key = jagged_query if key is query else _as_jagged(key)
+        jagged_value = jagged_key if key_is_value else _as_jagged(value)
+        for name, x, dim in (("query", jagged_query, self.embed_dim), ("key", jagged_key, self.kdim),
+                             ("value", jagged_value, self.vdim)):
+            if x.shape[-1] != dim:
+                raise LayerValueError(f"{name} must have {dim} features, got shape {tuple(x.shape)}")
+        if jagged_key.size(0) != jagged_query.size(0) or not torch.equal(jagged_key.offsets(), jagged_value.offsets()):
+            raise LayerValueError("nested key and value must have the query's batch size and equal lengths")
+        q, k, v = self._project(jagged_query.values(), jagged_key.values(), jagged_value.values(), self_attention,
+                                key_is_value, "packed")
+        offsets_q, offsets_k = jagged_query.offsets(), jagged_key.offsets()
+        out = varlen_attention(q, k, v, offsets_q, offsets_k, jagged_query._maybe_max_seqlen,
+                               jagged_key._maybe_max_seqlen, dropout_p=self.dropout if self.training else 0.0)
+        out = _linear(out.flatten(-2), self.out_proj.weight, self.out_proj.bias)
+        out = torch.nested.nested_tensor_from_jagged(out, offsets_q, max_seqlen=jagged_query._maybe_max_seqlen)
+        if query.layout != torch.jagged:
+            out = torch.nested.as_nested_tensor(list(out.unbind()), layout=query.layout)
+        weights = self._padded_weights(q, k, offsets_q, offsets_k, average_attn_weights) if need_weights else None
+        return out, weights
+
+    def _padded_weights(self, q, k, offsets_q, offsets_k, average_attn_weights):
+        """torch's weights for nested inputs: (N, H, L_max, S_max), zero outside each sequence's (L, S)."""
+        def padded(packed, offsets):
+            lengths = offsets.diff()
+            tokens = torch.arange(int(lengths.max()) if lengths.numel() else 0, device=packed.device) < lengths[:, None]
+            return unpack(packed, tokens).transpose(1, 2), tokens
+
+        (q_padded, rows), (k_padded, columns) = padded(q, offsets_q), padded(k, offsets_k)
+        inside = rows[:, None, :, None] & columns[:, None, None, :]
+        weights = attention_weights(q_padded, k_padded, attn_mask=inside)
+        return weights.mean(dim=1) if average_attn_weights else weights
 
     def _append_extra_keys(self, k, v):
         """k, v with the keys of ``add_bias_kv`` / ``add_zero_attn`` appended, and how many were appended."""
@@ -204,8 +275,9 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
         out = out.permute(0, 2, 1, 3) if batch_first else out.permute(2, 0, 1, 3)
         return _linear(out.flatten(-2), self.out_proj.weight, self.out_proj.bias)
 
-    def _project(self, query, key, value, self_attention, key_is_value, batch_first):
-        """Input projections, returned as per-head views ``(N, H, L, D)`` of the projected tensors.
+    def _project(self, query, key, value, self_attention, key_is_value, layout):
+        """Input projections, returned as per-head views of the projected tensors: ``(N, H, L, D)`` for batched
+        inputs, ``(total, H, D)`` for packed tokens (``layout``: a key of _HEADS_ORDER).
 
         Self-attention runs one fused ``(3E, E)`` projection and ``key is value`` one ``(2E, E)``
         projection for both; the op then reads q, k, v through strides, without copies.
@@ -215,25 +287,23 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
         if self._qkv_same_embed_dim:
             weight = self.in_proj_weight
             if self_attention:
-                return self._split_heads(query, weight, bias, 3, batch_first)
+                return self._split_heads(query, weight, bias, 3, layout)
             if key_is_value:
-                (q,) = self._split_heads(query, weight[:E], None if bias is None else bias[:E], 1, batch_first)
-                k, v = self._split_heads(key, weight[E:], None if bias is None else bias[E:], 2, batch_first)
+                (q,) = self._split_heads(query, weight[:E], None if bias is None else bias[:E], 1, layout)
+                k, v = self._split_heads(key, weight[E:], None if bias is None else bias[E:], 2, layout)
                 return q, k, v
             weights = weight.chunk(3)
         else:
             weights = (self.q_proj_weight, self.k_proj_weight, self.v_proj_weight)
         biases = (None, None, None) if bias is None else bias.chunk(3)
         return tuple(
-            self._split_heads(x, w, b, 1, batch_first)[0]
+            self._split_heads(x, w, b, 1, layout)[0]
             for x, w, b in zip((query, key, value), weights, biases)
         )
 
-    def _split_heads(self, x, weight, bias, count, batch_first):
+    def _split_heads(self, x, weight, bias, count, layout):
         projected = _linear(x, weight, bias).unflatten(-1, (count, self.num_heads, self.head_dim))
-        # (N, L, count, H, D) or (L, N, count, H, D) -> count x (N, H, L, D)
-        order = (2, 0, 3, 1, 4) if batch_first else (2, 1, 3, 0, 4)
-        return projected.permute(order).unbind(0)
+        return projected.permute(_HEADS_ORDER[layout]).unbind(0)
 
     def _op_masks(self, attn_mask, key_padding_mask, extra_keys, dtype):
         """nn.MultiheadAttention's masks -> the op's ``(attn_mask, attn_bias)``.
@@ -267,12 +337,6 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
         """
         for name, x in (("query", query), ("key", key), ("value", value)):
             require_tensor(name, x)
-            if x.is_nested:
-                raise LayerValueError(
-                    f"{name} is a nested tensor, which mha_ext.nn.MultiheadAttention does not support; pass a "
-                    "padded tensor with key_padding_mask (inside nn.TransformerEncoder, build it with "
-                    "enable_nested_tensor=False or call mha_ext.nn.replace_attention on the model)"
-                )
         if query.dim() not in (2, 3):
             raise LayerValueError(
                 f"query must be 3-D (batched) or 2-D (unbatched), got shape {tuple(query.shape)}"
