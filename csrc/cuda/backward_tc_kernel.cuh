@@ -87,7 +87,7 @@ struct BackwardTilePair {
 template <typename scalar_t, typename Traits>
 __global__ void __launch_bounds__(kThreads)
     key_grad_tensor_core_kernel(const __grid_constant__ AttentionGradParams g, const float* delta_all) {
-// An empty body below sm80, which the launcher never runs (see forward_tc_kernel.cuh).
+// An empty body below sm80, which the launcher never runs (see forward_mma_kernel.cuh).
 #if MHA_SM80_DEVICE_CODE
   using mma_t = typename MmaOperand<scalar_t>::type;
   constexpr int kBlockQ = Traits::kBlockQ, kBlockK = Traits::kBlockK;

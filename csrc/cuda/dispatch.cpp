@@ -13,18 +13,23 @@ std::string tensor_cores_unavailable(bool backward, const AttentionParams& p, at
   }
   // Setting cuda_tensor_cores "off" keeps fp16/bf16 on the CUDA-core kernels, to compare the two paths.
   if (!kernel_settings().cuda_tensor_cores) return "setting cuda_tensor_cores is off";
-  if (dtype == at::kHalf) {
-    return backward ? backward_tensor_cores_unavailable<c10::Half>(p) : forward_tensor_cores_unavailable<c10::Half>(p);
+  if (backward) {
+    return dtype == at::kHalf ? backward_tensor_cores_unavailable<c10::Half>(p)
+                              : backward_tensor_cores_unavailable<c10::BFloat16>(p);
   }
-  return backward ? backward_tensor_cores_unavailable<c10::BFloat16>(p)
-                  : forward_tensor_cores_unavailable<c10::BFloat16>(p);
+  return MHA_BOOL_SWITCH(scores_need_masking(p), kMasked, [&] {
+    return dtype == at::kHalf ? forward_mma_unavailable<c10::Half, kMasked>(p)
+                              : forward_mma_unavailable<c10::BFloat16, kMasked>(p);
+  });
 }
 
-// fp16/bf16 run on tensor cores where they can (sm80+; E and Ev <= 128, or <= 256 on parts with 163 KiB of
-// shared memory per block), the rest on CUDA cores.
+// fp16/bf16 run on tensor cores where they can (sm80+; the backward with E or Ev in 129..256 only on parts
+// with 163 KiB of shared memory per block), the rest on CUDA cores.
 void dispatch_forward(const AttentionParams& p, at::ScalarType dtype) {
   if (tensor_cores_unavailable(/*backward=*/false, p, dtype).empty()) {
-    dtype == at::kHalf ? run_forward_tensor_cores<c10::Half>(p) : run_forward_tensor_cores<c10::BFloat16>(p);
+    MHA_BOOL_SWITCH(scores_need_masking(p), kMasked, [&] {
+      dtype == at::kHalf ? run_forward_mma<c10::Half, kMasked>(p) : run_forward_mma<c10::BFloat16, kMasked>(p);
+    });
     return;
   }
   MHA_DTYPE_SWITCH(dtype, scalar_t, [&] { run_forward<scalar_t>(p); });

@@ -21,7 +21,9 @@ std::string tiles(bool backward, bool tensor_cores, const AttentionParams& p, at
   return MHA_DTYPE_SWITCH(dtype, scalar_t, [&] {
     return MHA_HEADDIM_SWITCH(std::max(p.E, p.Ev), kHeadDim, [&] {
       if (tensor_cores && !backward) {
-        return tile_text(ForwardTensorCoreTraits<kHeadDim>::kBlockQ, ForwardTensorCoreTraits<kHeadDim>::kBlockK);
+        return MHA_BOOL_SWITCH(scores_need_masking(p), kMasked, [&] {
+          return tile_text(ForwardMmaTraits<kHeadDim, kMasked>::kBlockQ, ForwardMmaTraits<kHeadDim, kMasked>::kBlockK);
+        });
       }
       if (tensor_cores) {
         using Key = BackwardTensorCoreTraits<KeyGradTensorCoreSmem, kHeadDim>;
@@ -44,7 +46,11 @@ KernelChoice choice(bool backward, const AttentionParams& p, at::ScalarType dtyp
   const bool tensor_cores = unavailable.empty();
   KernelChoice choice;
   if (tensor_cores) {
-    choice.kernel = "tensor cores: WMMA m16n16k16 products of 16-bit operands, float32 accumulation";
+    choice.kernel = backward ? "tensor cores (backward_tc_kernel): WMMA m16n16k16 products of 16-bit operands, "
+                               "float32 accumulation"
+                             : "tensor cores (forward_mma_kernel): mma.sync m16n8k16 products, scores, "
+                               "probabilities and output in registers, ldmatrix operands, K/V streamed by "
+                               "cp.async, float32 accumulation";
     choice.not_taken.emplace_back("CUDA cores", "float16 and bfloat16 run on tensor cores where the build and device allow");
   } else {
     choice.kernel = std::string("CUDA cores, in ") + (dtype == at::kDouble ? "float64" : "float32");

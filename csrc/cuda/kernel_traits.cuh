@@ -123,8 +123,6 @@ struct TileTraits {
   static size_t smem_bytes(int E, int Ev) { return size_t(layout(E, Ev).total) * sizeof(acc_t); }
 };
 
-// ---- Tensor-core forward (fp16/bf16 operands, fp32 accumulators; forward_tc_kernel.cuh) ----
-
 // Edge of a WMMA m16n16k16 tile: head dims and key counts are padded up to multiples of it.
 constexpr int kMmaTile = 16;
 // WMMA fragment pointers must be 256-bit aligned: every region and every 16-row strip starts on it.
@@ -133,46 +131,40 @@ constexpr int kMmaOperandBytes = 2;  // fp16 and bf16
 
 MHA_HOST_DEVICE constexpr int round_up(int n, int multiple) { return (n + multiple - 1) / multiple * multiple; }
 
-// Q tile, K and V tiles, the fp32 score tile, the fp16/bf16 probabilities, the fp32 output accumulator and
-// the per-row softmax state. Row lengths (ld_*) are in elements: the padded width plus 16 bytes, which keeps
-// them multiples of 8 (16-bit) / 4 (fp32) elements as WMMA's ldm requires, and shifts consecutive rows by
-// four banks. A 16-row strip then starts 16 * ld elements further on, a multiple of 32 bytes, so fragment
-// pointers stay aligned. Region offsets are in bytes.
-struct ForwardTensorCoreSmem {
-  int ld_qk, ld_v, ld_scores, ld_probs, ld_out;
-  int q, k, v, scores, probs, out, row_max, row_sum, total;
-  MHA_HOST_DEVICE constexpr ForwardTensorCoreSmem(int block_q, int block_k, int E, int Ev)
-      : ld_qk(round_up(E, kMmaTile) + 16 / kMmaOperandBytes),
-        ld_v(round_up(Ev, kMmaTile) + 16 / kMmaOperandBytes),
-        ld_scores(block_k + 16 / 4),
-        ld_probs(block_k + 16 / kMmaOperandBytes),
-        ld_out(round_up(Ev, kMmaTile) + 16 / 4),
-        q(0),
-        k(q + round_up(block_q * ld_qk * kMmaOperandBytes, kMmaAlignBytes)),
-        v(k + round_up(block_k * ld_qk * kMmaOperandBytes, kMmaAlignBytes)),
-        scores(v + round_up(block_k * ld_v * kMmaOperandBytes, kMmaAlignBytes)),
-        probs(scores + round_up(block_q * ld_scores * 4, kMmaAlignBytes)),
-        out(probs + round_up(block_q * ld_probs * kMmaOperandBytes, kMmaAlignBytes)),
-        row_max(out + round_up(block_q * ld_out * 4, kMmaAlignBytes)),
-        row_sum(row_max + block_q * 4),
-        total(row_sum + block_q * 4) {}
+// ---- Tensor-core forward (mma.sync m16n8k16; forward_mma_kernel.cuh) ----
+
+// Bytes of one cp.async copy and of one ldmatrix row: 8 16-bit elements.
+constexpr int kChunkBytes = 16;
+constexpr int kChunkElements = kChunkBytes / kMmaOperandBytes;
+
+// A tile of `rows` rows of kHeadDim 16-bit elements in shared memory, each row followed by 16 bytes of
+// padding. Rows are then (kHeadDim / 2 + 4) banks apart: the 8 rows an ldmatrix phase reads, and the 8
+// chunks of 16 bytes a cp.async phase writes along a row, fall on distinct banks (no conflicts).
+template <int kHeadDim>
+struct PaddedTile {
+  static constexpr int kRowElements = kHeadDim + kChunkElements;
+  static constexpr int bytes(int rows) { return rows * kRowElements * kMmaOperandBytes; }
 };
 
-// 64 query rows, one 16-row strip per warp; key tiles of 64 or, where that does not fit the bucket's budget
-// at its largest head dim (64, 128 or 256), 32 keys (the softmax gives each lane whole columns of a 32-multiple).
-template <int kHeadDim_>
-struct ForwardTensorCoreTraits {
+// Each warp owns kMTiles strips of 16 query rows, from its scores to its output rows, all in registers:
+// per thread 8 kBlockK / 16 * kMTiles fp32 scores and kHeadDim / 2 * kMTiles fp32 outputs. Two strips up to
+// head dim 128 (192 accumulator registers at 128, as FlashAttention-2's 128 x 64 tile: each K and V
+// fragment loaded from shared memory feeds two products), one at 256 (160), and one in the kMasked kernels,
+// whose per-element mask, bias and dropout addressing needs the registers a second strip would take (they
+// spill with two). Key tiles of 64. Shared memory holds the query tile and one key and one value tile: the
+// next K tile streams in (cp.async) while the warps multiply P V, the V tile while they multiply Q K^T.
+template <int kHeadDim_, bool kMasked>
+struct ForwardMmaTraits {
   static constexpr int kHeadDim = kHeadDim_;
-  static constexpr int64_t kBudget = tensor_core_smem_budget(kHeadDim);
-  static constexpr int kBlockQ = kWarps * kMmaTile;
-  static constexpr int kBlockK = ForwardTensorCoreSmem(kBlockQ, 64, kHeadDim, kHeadDim).total <= kBudget ? 64 : 32;
-  static_assert(ForwardTensorCoreSmem(kBlockQ, kBlockK, kHeadDim, kHeadDim).total <= kBudget,
-                "the tensor-core forward's tiles do not fit the shared-memory budget");
-
-  MHA_HOST_DEVICE static ForwardTensorCoreSmem layout(int E, int Ev) {
-    return ForwardTensorCoreSmem(kBlockQ, kBlockK, E, Ev);
-  }
-  static size_t smem_bytes(int E, int Ev) { return size_t(layout(E, Ev).total); }
+  static constexpr int kMTiles = kHeadDim <= 128 && !kMasked ? 2 : 1;
+  static constexpr int kBlockQ = kWarps * kMmaTile * kMTiles;
+  static constexpr int kBlockK = 64;
+  using Tile = PaddedTile<kHeadDim>;
+  static constexpr int kQ = 0, kK = Tile::bytes(kBlockQ), kV = kK + Tile::bytes(kBlockK);
+  static constexpr int kSmemBytes = kV + Tile::bytes(kBlockK);
+  // Every head dim fits the 99 KiB of every sm80+ part (256: exactly).
+  static_assert(kSmemBytes <= kSmemBudgetBytes, "the tensor-core forward's tiles do not fit the shared-memory budget");
+  static size_t smem_bytes() { return kSmemBytes; }
 };
 
 // ---- Tensor-core backward (backward_tc_kernel.cuh) ----

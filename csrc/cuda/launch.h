@@ -17,14 +17,20 @@ constexpr int kMaxHeadDim = 256;
 // Each runs on torch's current stream of the current device (register_backend.h sets the device).
 template <typename scalar_t>
 void run_forward(const AttentionParams& p);
-// fp16/bf16 forward on tensor cores on sm80 and newer: E, Ev <= 128 on every such part, up to 256 where
-// the part allows a block 163 KiB of shared memory (sm80, sm90). Runs only where
-// forward_tensor_cores_unavailable says nothing stands against it on the current device (the build has an
-// sm80+ image, the tiles fit its shared memory). Instantiated for c10::Half and c10::BFloat16 only.
-template <typename scalar_t>
-void run_forward_tensor_cores(const AttentionParams& p);
-template <typename scalar_t>
-std::string forward_tensor_cores_unavailable(const AttentionParams& p);
+// fp16/bf16 forward on tensor cores on sm80 and newer (forward_mma_kernel.cuh), every head dim up to 256
+// on every such part. kMasked: the variant for calls whose scores need per-element reads or random numbers
+// (scores_need_masking). Runs only where forward_mma_unavailable says nothing stands against it on the
+// current device (the build has an sm80+ image). Instantiated for c10::Half and c10::BFloat16 only.
+template <typename scalar_t, bool kMasked>
+void run_forward_mma(const AttentionParams& p);
+template <typename scalar_t, bool kMasked>
+std::string forward_mma_unavailable(const AttentionParams& p);
+// A bool or float mask, a bias or dropout: anything but causality and a positive scale (the plain kernels
+// fold the scale into the exponent, and take the largest dot product for the largest score).
+inline bool scores_need_masking(const AttentionParams& p) {
+  return p.has_bool_mask || p.mask_add_type != AdditiveType::kNone || p.bias_type != AdditiveType::kNone ||
+         p.dropout.active || !(p.scale > 0);
+}
 template <typename scalar_t>
 void run_backward(const AttentionGradParams& g);
 // The same for the backward (backward_tc_kernel.cuh).

@@ -12,25 +12,11 @@
 #include <type_traits>
 
 #include "cuda/kernel_traits.cuh"
-#include "cuda/launch_kernel.cuh"
+#include "cuda/mma_fragments.cuh"
+#include "cuda/tensor_core_launch.cuh"
 #include "cuda/tile.cuh"
 
 namespace mha_ext::cuda {
-
-// The CUDA type WMMA takes for each 16-bit input dtype (the same bits, so global memory is read as it), and
-// rounding an fp32 value to it (round to nearest even, as torch converts).
-template <typename scalar_t>
-struct MmaOperand;
-template <>
-struct MmaOperand<c10::Half> {
-  using type = __half;
-  __device__ static type round(float x) { return __float2half_rn(x); }
-};
-template <>
-struct MmaOperand<c10::BFloat16> {
-  using type = __nv_bfloat16;
-  __device__ static type round(float x) { return __float2bfloat16_rn(x); }
-};
 
 // A call's head dims as the tensor-core kernels use them: E, Ev and their counts of 16-wide tiles.
 struct MmaHeadDims {
@@ -101,18 +87,6 @@ __device__ void block_mma(float* c, int ldc, bool accumulate, TileView<mma_t, La
     mma_accumulate(acc, a, i, b, j, steps);
     wmma::store_matrix_sync(c_tile, acc, ldc, wmma::mem_row_major);
   }
-}
-
-// Why a tensor-core kernel that needs `smem_bytes` of shared memory per block cannot launch on the current
-// device, in words; empty where it can.
-template <typename Kernel>
-std::string tensor_core_launch_unavailable(Kernel* kernel, size_t smem_bytes) {
-  if (!has_sm80_image(kernel)) return "this build has no sm80-or-newer image of it for this device (TORCH_CUDA_ARCH_LIST)";
-  if (!shared_memory_fits(smem_bytes)) {
-    return "its tiles need " + std::to_string((smem_bytes + 1023) / 1024) +
-           " KiB of shared memory per block, more than this device allows";
-  }
-  return "";
 }
 
 }  // namespace mha_ext::cuda

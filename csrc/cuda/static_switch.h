@@ -46,3 +46,15 @@
       return __VA_ARGS__();                          \
     }                                                \
   }()
+
+// CONST_NAME := COND as a compile-time bool.
+#define MHA_BOOL_SWITCH(COND, CONST_NAME, ...) \
+  [&] {                                         \
+    if (COND) {                                 \
+      constexpr static bool CONST_NAME = true;  \
+      return __VA_ARGS__();                     \
+    } else {                                    \
+      constexpr static bool CONST_NAME = false; \
+      return __VA_ARGS__();                     \
+    }                                           \
+  }()

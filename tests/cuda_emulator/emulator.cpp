@@ -1,8 +1,9 @@
 // Runs emulated kernel launches on the CPU. Each CUDA thread of a block is a fiber that runs until it
 // reaches a barrier. A warp goes on once all its lanes wait at the same warp barrier (the _sync primitives
-// and WMMA calls), the block once every thread waits at __syncthreads; anything else is a deadlock, and is
-// reported. A barrier that a thread of its scope has exited past counts as one too: the kernels keep every
-// thread to the end. Blocks run one after another on the calling thread, so runs are deterministic.
+// and WMMA calls) or warp collective (ptx.cpp's instructions, which also follow the block through ptx.h),
+// the block once every thread waits at __syncthreads; anything else is a deadlock, and is reported. A
+// barrier that a thread of its scope has exited past counts as one too: the kernels keep every thread to
+// the end. Blocks run one after another on the calling thread, so runs are deterministic.
 //
 // Fibers start with makecontext/swapcontext and then switch with _setjmp/_longjmp, which unlike swapcontext
 // make no system call (a signal mask) per switch; fortified builds would refuse a longjmp to another stack.
@@ -22,6 +23,7 @@
 #include <vector>
 
 #include "cuda_runtime.h"
+#include "ptx.h"
 
 namespace mha_emu {
 namespace {
@@ -55,6 +57,9 @@ struct Fiber {
   uint64_t bits = 0;
   int source_lane = 0;
   uint64_t result = 0;
+  WarpCollective collective = nullptr;  // at a warp collective: its function and this lane's operands
+  const void* input = nullptr;
+  void* output = nullptr;
 };
 
 struct Scheduler {
@@ -134,12 +139,33 @@ std::string describe_waits(int threads) {
   return out.str();
 }
 
-// Lets the lanes [w0, w1) of a warp go on if they all wait at the same warp barrier; false otherwise.
+// Runs a warp collective that all lanes [w0, w1) of a warp wait at.
+void run_collective(int w0, int w1) {
+  const Fiber& first = scheduler.fibers[w0];
+  TORCH_CHECK(w1 - w0 == kWarpSize, "cuda emulator: ", first.site, " in block ", block_index.x,
+              " takes a whole warp of ", kWarpSize, " lanes, not ", w1 - w0);
+  const void* inputs[kWarpSize];
+  void* outputs[kWarpSize];
+  for (int lane = 0; lane < kWarpSize; ++lane) {
+    inputs[lane] = scheduler.fibers[w0 + lane].input;
+    outputs[lane] = scheduler.fibers[w0 + lane].output;
+  }
+  first.collective(inputs, outputs);
+}
+
+// Lets the lanes [w0, w1) of a warp go on if they all wait at the same warp barrier or collective; false
+// otherwise.
 bool release_warp(int w0, int w1) {
   const Fiber& first = scheduler.fibers[w0];
   for (int t = w0; t < w1; ++t) {
     const Fiber& f = scheduler.fibers[t];
-    if (f.wait != Wait::kWarp || std::strcmp(f.site, first.site) != 0) return false;
+    if (f.wait != Wait::kWarp || std::strcmp(f.site, first.site) != 0 || f.collective != first.collective)
+      return false;
+  }
+  if (first.collective != nullptr) {
+    run_collective(w0, w1);
+    for (int t = w0; t < w1; ++t) scheduler.fibers[t].wait = Wait::kNone;
+    return true;
   }
   for (int t = w0; t < w1; ++t) {
     Fiber& f = scheduler.fibers[t];
@@ -164,6 +190,7 @@ bool release_block(int threads) {
     scheduler.fibers[t].result = any;
     scheduler.fibers[t].wait = Wait::kNone;
   }
+  publish_async_copies();
   return true;
 }
 
@@ -228,8 +255,18 @@ uint64_t warp_barrier(const char* site, unsigned int mask, uint64_t bits, int so
   f.site = site;
   f.bits = bits;
   f.source_lane = source_lane;
+  f.collective = nullptr;
   suspend(Wait::kWarp);
   return f.result;
+}
+
+void warp_collective(const char* site, WarpCollective collective, const void* input, void* output) {
+  Fiber& f = self();
+  f.site = site;
+  f.collective = collective;
+  f.input = input;
+  f.output = output;
+  suspend(Wait::kWarp);
 }
 
 void fail(const char* message) {
@@ -263,7 +300,9 @@ void launch(int64_t blocks, int threads, size_t shared_bytes, const std::functio
   for (int64_t b = 0; b < blocks; ++b) {
     block_index = {static_cast<unsigned int>(b), 0, 0};
     std::memset(shared, 0xff, shared_bytes + kGuardBytes);
+    start_async_copies(threads, shared_bytes);
     run_block(threads);
+    check_async_copies_waited_for(threads);
     for (size_t i = shared_bytes; i < shared_bytes + kGuardBytes; ++i)
       TORCH_CHECK(shared[i] == 0xff, "cuda emulator: block ", b, " wrote shared memory byte ", i, ", past the ",
                   shared_bytes, " bytes of its launch");

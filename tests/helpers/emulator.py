@@ -53,7 +53,7 @@ def load():
 
     os.makedirs(BUILD, exist_ok=True)
     sources = [os.path.join(_sources.CSRC, "cuda", "dispatch.cpp")]
-    sources += [os.path.join(EMULATOR, name) for name in ("emulator.cpp", "module.cpp")] + _kernel_wrappers()
+    sources += [os.path.join(EMULATOR, name) for name in ("emulator.cpp", "ptx.cpp", "module.cpp")] + _kernel_wrappers()
     # The ops' bodies (contract, entry, settings) come from the loaded mha_ext._C, which this module links
     # against: one copy of them, and of the kernel settings, in the process.
     library = mha_ext._C.__file__

@@ -34,6 +34,13 @@ int block_barrier(int predicate);
 // `site` (their convergence is checked, as the _sync primitives require). Each lane passes `bits` and the
 // lane whose bits it wants back (itself where nothing is exchanged).
 uint64_t warp_barrier(const char* site, unsigned int mask, uint64_t bits, int source_lane);
+// A warp-wide instruction (ptx.cpp): given each lane's input and output, in lane order, it does the whole
+// warp's work at once. It runs outside the fibers, so it reports a broken rule by throwing.
+using WarpCollective = void (*)(const void* const* inputs, void* const* outputs);
+// Blocks until all 32 lanes of the calling thread's warp have arrived at the same `site` (checked as for a
+// warp barrier), then calls `collective` once with every lane's `input` and `output` (which may point into
+// the lanes' stacks: they wait meanwhile), then lets the lanes go on.
+void warp_collective(const char* site, WarpCollective collective, const void* input, void* output);
 // Stops the kernel with `message`; the launch then throws it.
 [[noreturn]] void fail(const char* message);
 

@@ -1,0 +1,8 @@
+// The tensor-core forward for c10::BFloat16 inputs, calls without masks, bias or dropout: one variant per
+// file keeps each nvcc job small.
+#include "cuda/forward_mma_kernel.cuh"
+
+namespace mha_ext::cuda {
+template void run_forward_mma<c10::BFloat16, false>(const AttentionParams&);
+template std::string forward_mma_unavailable<c10::BFloat16, false>(const AttentionParams&);
+}  // namespace mha_ext::cuda
