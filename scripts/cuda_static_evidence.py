@@ -6,7 +6,7 @@
    and the resulting occupancy (blocks and warps per SM).
 2. Main loops: the SASS of every tensor-core kernel (one with HMMA instructions) and of FlashAttention-2's
    forward and backward kernels, as they ship compiled in torch's CUDA wheel, for the same head dim and
-   dtype. The main loop is the loop (a backward branch) whose body holds the most HMMA instructions; the
+   dtype. The main loop is the innermost loop (a backward branch) with the most HMMA instructions; the
    table counts, in its body, HMMA, shared-memory traffic, global loads, barriers and local memory per HMMA.
 
 Reproduce (from the repository root, with the CUDA venv of scripts/ci_cuda_build.sh plus the
@@ -304,13 +304,21 @@ def loops(instrs: list) -> list:
 
 
 def find_main_loop(instrs: list) -> tuple | None:
-    """The loop whose body has the most HMMA; among loops with as many (an outer loop around the main
-    one, e.g. a grid-stride loop over work items) the smallest. None when no loop holds an HMMA."""
+    """Among the innermost HMMA loops (loops holding HMMA instructions and no other loop that holds any:
+    not an outer loop around them, e.g. a grid-stride loop over work items, or one around the two loops
+    of a kernel that peels its masking steps off its main loop), the one with the most HMMA; among those
+    with as many, the smallest (the steady-state loop: masking steps add instructions). None when no
+    loop holds an HMMA."""
+    def hmma_in(start, end):
+        return sum(1 for i in instrs if start <= i.addr <= end and i.opcode.startswith("HMMA"))
+
+    hmma_loops = [(start, end) for start, end in loops(instrs) if hmma_in(start, end)]
+    innermost = [(s, e) for s, e in hmma_loops
+                 if not any((s, e) != (s2, e2) and s <= s2 and e2 <= e for s2, e2 in hmma_loops)]
     best = None
-    for start, end in loops(instrs):
-        hmma = sum(1 for i in instrs if start <= i.addr <= end and i.opcode.startswith("HMMA"))
-        key = (hmma, -(end - start))
-        if hmma and (best is None or key > best[0]):
+    for start, end in innermost:
+        key = (hmma_in(start, end), -(end - start))
+        if best is None or key > best[0]:
             best = (key, (start, end))
     return best[1] if best else None
 

@@ -226,16 +226,29 @@ def test_emulated_tensor_core_forward_matches_reference_with_warps_in_reverse(em
 
 
 @pytest.mark.parametrize("dtype", TENSOR_CORE_DTYPES)
+@pytest.mark.parametrize("variant", ["plain", "bool_padding_bias_full", "fully_masked_rows", "float32_mask_row_bias",
+                                     "causal_L_gt_S", "causal_lower_right_L_lt_S", "single_query"])
+def test_emulated_tensor_core_backward_matches_cpu_with_warps_in_reverse(emulator, monkeypatch, variant, dtype):
+    # The mma.sync backward (head dims up to 128) in the other warp order.
+    monkeypatch.setenv("MHA_EXT_EMULATOR_WARP_ORDER", "reverse")
+    case = tensor_core_case(variant, 72, 40)
+    cpu = run(*make_inputs(case, dtype, "cpu"))
+    with emulated_cuda_kernels():
+        emulated = run(*make_inputs(case, dtype, "cpu"))
+    assert_results_close(emulated, cpu, dtype, device_type="cpu")
+
+
+@pytest.mark.parametrize("dtype", TENSOR_CORE_DTYPES)
 @pytest.mark.parametrize("case", ["plain", "causal_L_gt_S", "bool_padding_bias_full"])
 @pytest.mark.parametrize("E, Ev", [(64, 64), (128, 128), (256, 256), (40, 72)])
-def test_emulated_tensor_core_forward_has_no_shared_memory_bank_conflicts(emulator, case, E, Ev, dtype):
-    # Every ldmatrix and cp.async of the main loop is one wavefront per phase: the padded rows put the 8
-    # rows of a phase on distinct banks.
-    inputs, _ = make_inputs(tensor_core_case(case, E, Ev), dtype, "cpu")
-    del inputs["enable_gqa"]
+def test_emulated_tensor_core_kernels_have_no_shared_memory_bank_conflicts(emulator, case, E, Ev, dtype):
+    # Every ldmatrix and cp.async of the forward and of the mma.sync backward (head dims up to 128; above,
+    # the WMMA backward issues neither) is one wavefront per phase: the padded rows put the 8 rows of a
+    # phase on distinct banks.
+    inputs, grad_out = make_inputs(tensor_core_case(case, E, Ev), dtype, "cpu")
     with emulated_cuda_kernels():
         emulator.reset_bank_conflicts()
-        mha_ext.scaled_dot_product_attention(**inputs, enable_gqa=True)
+        run(inputs, grad_out)
         counts = emulator.bank_conflicts()
     assert set(counts) == {"ldmatrix", "ldmatrix.trans", "cp.async"}
     assert all(accesses > 0 and extra == 0 for accesses, extra in counts.values()), counts

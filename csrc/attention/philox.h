@@ -97,7 +97,9 @@ MHA_HOST_DEVICE acc_t dropout_factor(const DropoutRule& rule, int64_t n, int64_t
   uint32_t words[4];
   philox4x32_10(DropoutCounter(rule.global_head(n), row + rule.row_offset, column >> 2, rule.offset), rule.seed,
                 words);
-  return rule.keeps(words[column & 3]) ? static_cast<acc_t>(rule.keep_scale) : acc_t(0);
+  // Selected, not indexed: a run-time index would put `words` in a GPU thread's local memory.
+  const uint32_t word = column & 2 ? (column & 1 ? words[3] : words[2]) : (column & 1 ? words[1] : words[0]);
+  return rule.keeps(word) ? static_cast<acc_t>(rule.keep_scale) : acc_t(0);
 }
 
 }  // namespace mha_ext

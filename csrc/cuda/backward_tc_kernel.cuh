@@ -1,4 +1,5 @@
-// Fused attention backward on tensor cores for fp16/bf16 inputs on sm80 and newer: the three kernels of
+// Fused attention backward on tensor cores for fp16/bf16 inputs on sm80 and newer with a head dim above 128
+// (backward_mma_kernel.cuh runs the others; run_backward_tensor_cores below chooses): the three kernels of
 // backward_kernel.cuh (delta; dK/dV per owned key tile; dQ and the score gradient per owned query tile),
 // with every product on WMMA: S = Q K^T and dP = dO V^T into fp32 tiles, then P and dS from them in fp32 by
 // prob_and_grad_from_dots, rounded to 16-bit operands for dV += P^T dO, dK += dS^T Q and dQ += dS K,
@@ -9,6 +10,7 @@
 #include <algorithm>
 
 #include "cuda/backward_kernel.cuh"
+#include "cuda/backward_mma_kernel.cuh"
 #include "cuda/kernel_traits.cuh"
 #include "cuda/launch_kernel.cuh"
 #include "cuda/mma.cuh"
@@ -237,15 +239,28 @@ void launch_backward_tensor_cores(const AttentionGradParams& g) {
   launch_kernel(query_kernel, query_tile_items<QueryTraits::kBlockQ>(p), query_smem, g, delta_ptr);
 }
 
+// Head dims up to 128 on the mma.sync kernels (backward_mma_kernel.cuh), 129..256 on the WMMA ones above,
+// whose registers are not needed for dK and dV accumulators of that width.
 template <typename scalar_t>
 void run_backward_tensor_cores(const AttentionGradParams& g) {
-  MHA_HEADDIM_SWITCH(std::max(g.fwd.E, g.fwd.Ev), kHeadDim, [&] { launch_backward_tensor_cores<scalar_t, kHeadDim>(g); });
+  MHA_HEADDIM_SWITCH(std::max(g.fwd.E, g.fwd.Ev), kHeadDim, [&] {
+    if constexpr (kHeadDim <= kMaxMmaBackwardHeadDim) {
+      launch_backward_mma<scalar_t, kHeadDim>(g);
+    } else {
+      launch_backward_tensor_cores<scalar_t, kHeadDim>(g);
+    }
+  });
 }
 
 template <typename scalar_t>
 std::string backward_tensor_cores_unavailable(const AttentionParams& p) {
-  return MHA_HEADDIM_SWITCH(std::max(p.E, p.Ev), kHeadDim,
-                            [&] { return backward_tensor_cores_unavailable_for<scalar_t, kHeadDim>(p); });
+  return MHA_HEADDIM_SWITCH(std::max(p.E, p.Ev), kHeadDim, [&] {
+    if constexpr (kHeadDim <= kMaxMmaBackwardHeadDim) {
+      return backward_mma_unavailable<scalar_t, kHeadDim>(p);
+    } else {
+      return backward_tensor_cores_unavailable_for<scalar_t, kHeadDim>(p);
+    }
+  });
 }
 
 }  // namespace mha_ext::cuda

@@ -25,6 +25,12 @@ std::string tiles(bool backward, bool tensor_cores, const AttentionParams& p, at
           return tile_text(ForwardMmaTraits<kHeadDim, kMasked>::kBlockQ, ForwardMmaTraits<kHeadDim, kMasked>::kBlockK);
         });
       }
+      if (tensor_cores && kHeadDim <= kMaxMmaBackwardHeadDim) {
+        using Key = KeyGradMmaTraits<kHeadDim>;
+        using Query = QueryGradMmaTraits<kHeadDim>;
+        return "dK/dV: " + tile_text(Key::kStreamedRows, Key::kOwnedRows) +
+               "; dQ: " + tile_text(Query::kOwnedRows, Query::kStreamedRows);
+      }
       if (tensor_cores) {
         using Key = BackwardTensorCoreTraits<KeyGradTensorCoreSmem, kHeadDim>;
         using Query = BackwardTensorCoreTraits<QueryGradTensorCoreSmem, kHeadDim>;
@@ -46,11 +52,17 @@ KernelChoice choice(bool backward, const AttentionParams& p, at::ScalarType dtyp
   const bool tensor_cores = unavailable.empty();
   KernelChoice choice;
   if (tensor_cores) {
-    choice.kernel = backward ? "tensor cores (backward_tc_kernel): WMMA m16n16k16 products of 16-bit operands, "
-                               "float32 accumulation"
-                             : "tensor cores (forward_mma_kernel): mma.sync m16n8k16 products, scores, "
-                               "probabilities and output in registers, ldmatrix operands, K/V streamed by "
-                               "cp.async, float32 accumulation";
+    if (!backward) {
+      choice.kernel = "tensor cores (forward_mma_kernel): mma.sync m16n8k16 products, scores, probabilities and "
+                      "output in registers, ldmatrix operands, K/V streamed by cp.async, float32 accumulation";
+    } else if (std::max(p.E, p.Ev) <= kMaxMmaBackwardHeadDim) {
+      choice.kernel = "tensor cores (backward_mma_kernel): mma.sync m16n8k16 products, S^T/dP^T (dK/dV) and S/dP "
+                      "(dQ) and the gradients in registers, ldmatrix operands, tiles streamed by cp.async, float32 "
+                      "accumulation";
+    } else {
+      choice.kernel = "tensor cores (backward_tc_kernel): WMMA m16n16k16 products of 16-bit operands, float32 "
+                      "accumulation (head dims above 128)";
+    }
     choice.not_taken.emplace_back("CUDA cores", "float16 and bfloat16 run on tensor cores where the build and device allow");
   } else {
     choice.kernel = std::string("CUDA cores, in ") + (dtype == at::kDouble ? "float64" : "float32");

@@ -100,24 +100,7 @@ __global__ void __launch_bounds__(kThreads) forward_mma_kernel(const __grid_cons
 
       // S = Q K^T over the 16-wide slices of the head dim (slices past E are zero and skipped).
       float s[kMTiles][kKeyTiles8][4] = {};
-#pragma unroll
-      for (int ks = 0; ks < kHeadDim / kMmaTile; ++ks) {
-        if (ks >= e_steps) break;
-        uint32_t a[kMTiles][4];
-#pragma unroll
-        for (int mi = 0; mi < kMTiles; ++mi)
-          ptx::ldmatrix_x4(a[mi], q_tile + q_lane + mi * kMmaTile * kRow + ks * kMmaTile);
-#pragma unroll
-        for (int nt = 0; nt < kKeyTiles8; nt += 2) {
-          uint32_t b[4];
-          ptx::ldmatrix_x4(b, k_tile + k_lane + nt * 8 * kRow + ks * kMmaTile);
-#pragma unroll
-          for (int mi = 0; mi < kMTiles; ++mi) {
-            ptx::mma<kBf16>(s[mi][nt], a[mi], {b[0], b[1]});
-            ptx::mma<kBf16>(s[mi][nt + 1], a[mi], {b[2], b[3]});
-          }
-        }
-      }
+      mma_rows_by_rows<kBf16, kHeadDim / kMmaTile, kRow>(s, q_tile + q_lane, k_tile + k_lane, e_steps);
 
       // Scores, online softmax and P, fragment row by fragment row. Lane (g, t) holds columns 8 nt + 2t + c
       // of rows g (elements 0, 1) and g + 8 (elements 2, 3) of each m tile. The plain kernels keep the dot
@@ -173,21 +156,9 @@ __global__ void __launch_bounds__(kThreads) forward_mma_kernel(const __grid_cons
         }
       }
 
-      // P, rounded to 16 bits right away (half the registers of the fp32 scores through P V): the
-      // accumulators of key tiles 2 kt and 2 kt + 1 are the A fragment of 16-key slice kt.
+      // P, rounded to 16 bits right away (half the registers of the fp32 scores through P V).
       uint32_t probs[kMTiles][kBlockK / kMmaTile][4];
-#pragma unroll
-      for (int mi = 0; mi < kMTiles; ++mi) {
-#pragma unroll
-        for (int kt = 0; kt < kBlockK / kMmaTile; ++kt) {
-          const float(&lo)[4] = s[mi][2 * kt];
-          const float(&hi)[4] = s[mi][2 * kt + 1];
-          probs[mi][kt][0] = pack_operands<scalar_t>(lo[0], lo[1]);
-          probs[mi][kt][1] = pack_operands<scalar_t>(lo[2], lo[3]);
-          probs[mi][kt][2] = pack_operands<scalar_t>(hi[0], hi[1]);
-          probs[mi][kt][3] = pack_operands<scalar_t>(hi[2], hi[3]);
-        }
-      }
+      pack_accumulators<scalar_t>(probs, s);
 
       const int64_t k_next = next_key_tile<kBlockK>(item_tiles, k0 + kBlockK, k_end);
       ptx::cp_async_wait<0>();
@@ -199,26 +170,14 @@ __global__ void __launch_bounds__(kThreads) forward_mma_kernel(const __grid_cons
       ptx::cp_async_commit();
 
       // O += P V over the tile's 16-key slices (slices past `cols` have P = 0 and are skipped).
-      const int key_steps = static_cast<int>(ceil_div(cols, kMmaTile));
-#pragma unroll
-      for (int kt = 0; kt < kBlockK / kMmaTile; ++kt) {
-        if (kEdge && kt >= key_steps) break;
-#pragma unroll
-        for (int et = 0; et < kOutTiles8; et += 2) {
-          if (et / 2 >= ev_steps) break;
-          uint32_t b[4];
-          ptx::ldmatrix_x4_trans(b, v_tile + v_lane + kt * kMmaTile * kRow + et * 8);
-#pragma unroll
-          for (int mi = 0; mi < kMTiles; ++mi) {
-            ptx::mma<kBf16>(out[mi][et], probs[mi][kt], {b[0], b[1]});
-            ptx::mma<kBf16>(out[mi][et + 1], probs[mi][kt], {b[2], b[3]});
-          }
-        }
-      }
+      const int key_steps = kEdge ? static_cast<int>(ceil_div(cols, kMmaTile)) : kBlockK / kMmaTile;
+      mma_fragments_by_rows<kBf16, kRow>(out, probs, v_tile + v_lane, key_steps, ev_steps);
       k0 = k_next;
     };
-    const int64_t interior_end = kMasked ? 0 : p.causal.key_end(q0, 1, p.S) / kBlockK * kBlockK;
-    while (k0 < interior_end) key_tile_step(std::false_type{});
+    if constexpr (!kMasked) {
+      const int64_t interior_end = p.causal.key_end(q0, 1, p.S) / kBlockK * kBlockK;
+      while (k0 < interior_end) key_tile_step(std::false_type{});
+    }
     while (k0 < k_end) key_tile_step(std::true_type{});
     ptx::cp_async_wait<0>();  // an item whose every key tile was skipped still committed its Q copy
 
@@ -248,20 +207,6 @@ __global__ void __launch_bounds__(kThreads) forward_mma_kernel(const __grid_cons
     }
   }
 #endif
-}
-
-// Whether every row of `op` (a (grid, rows, width) operand, unit column stride) starts on 16 bytes and
-// `width` is a multiple of 8 elements: the tiles then stream in by 16-byte cp.async copies.
-template <typename scalar_t>
-bool rows_are_chunked(const Operand& op, const BatchGrid& grid, int64_t width) {
-  constexpr int64_t kElements = kChunkElements;
-  if (width % kElements != 0 || reinterpret_cast<uintptr_t>(op.data) % kChunkBytes != 0) return false;
-  if (op.row_stride % kElements != 0) return false;
-  for (int d = 0; d < grid.ndim; ++d) {
-    if (grid.sizes[d] > 1 && op.grid_strides[d] % kElements != 0) return false;
-  }
-  static_assert(sizeof(scalar_t) * kChunkElements == kChunkBytes);
-  return true;
 }
 
 template <typename scalar_t, bool kMasked>

@@ -167,6 +167,34 @@ struct ForwardMmaTraits {
   static size_t smem_bytes() { return kSmemBytes; }
 };
 
+// ---- Tensor-core backward (mma.sync m16n8k16; backward_mma_kernel.cuh), head dims up to 128 ----
+
+// A work item owns 64 rows, 16 per warp (keys in the dK/dV kernel, queries in the dQ kernel), whose two
+// operand tiles stay in shared memory and whose gradient accumulators stay in registers, and streams the
+// other side's two operand tiles kStreamedRows rows at a time, with their LSE and delta (dK/dV kernel).
+// The dK/dV kernel streams 32 query rows: its warps hold dK and dV (kHeadDim / 2 registers each) besides
+// S^T and dP^T (kStreamedRows / 2 each).
+// Head dims above it run on the WMMA backward (backward_tc_kernel.cuh).
+constexpr int kMaxMmaBackwardHeadDim = 128;
+
+template <int kHeadDim_, int kStreamedRows_>
+struct BackwardMmaTraits {
+  static constexpr int kHeadDim = kHeadDim_;
+  static constexpr int kOwnedRows = kWarps * kMmaTile, kStreamedRows = kStreamedRows_;
+  using Tile = PaddedTile<kHeadDim>;
+  static constexpr int kOwnedA = 0, kOwnedB = Tile::bytes(kOwnedRows), kStreamedA = 2 * Tile::bytes(kOwnedRows),
+                       kStreamedB = kStreamedA + Tile::bytes(kStreamedRows),
+                       kRowStats = kStreamedB + Tile::bytes(kStreamedRows);
+  static constexpr int kSmemBytes = kRowStats + 2 * kStreamedRows * int(sizeof(float));
+  static_assert(kHeadDim > kMaxMmaBackwardHeadDim || kSmemBytes <= kSmemBudgetBytes,
+                "the tensor-core backward's tiles do not fit the shared-memory budget");
+  static size_t smem_bytes() { return kSmemBytes; }
+};
+template <int kHeadDim>
+using KeyGradMmaTraits = BackwardMmaTraits<kHeadDim, 32>;
+template <int kHeadDim>
+using QueryGradMmaTraits = BackwardMmaTraits<kHeadDim, 64>;
+
 // ---- Tensor-core backward (backward_tc_kernel.cuh) ----
 
 // Query rows by key rows of a tile pair; both multiples of 16.

@@ -99,6 +99,20 @@ __device__ __forceinline__ void copy_tile_async(typename MmaOperand<scalar_t>::t
   }
 }
 
+// Whether every row of `op` (a (grid, rows, width) operand, unit column stride) starts on 16 bytes and
+// `width` is a multiple of 8 elements: the tiles then stream in by 16-byte cp.async copies.
+template <typename scalar_t>
+bool rows_are_chunked(const Operand& op, const BatchGrid& grid, int64_t width) {
+  constexpr int64_t kElements = kChunkElements;
+  if (width % kElements != 0 || reinterpret_cast<uintptr_t>(op.data) % kChunkBytes != 0) return false;
+  if (op.row_stride % kElements != 0) return false;
+  for (int d = 0; d < grid.ndim; ++d) {
+    if (grid.sizes[d] > 1 && op.grid_strides[d] % kElements != 0) return false;
+  }
+  static_assert(sizeof(scalar_t) * kChunkElements == kChunkBytes);
+  return true;
+}
+
 // Reductions over the four lanes holding one fragment row (lanes 4g .. 4g + 3), the same on all four.
 __device__ __forceinline__ float quad_max(float x) {
   x = max_acc(x, __shfl_xor_sync(0xffffffffu, x, 1));
@@ -107,6 +121,78 @@ __device__ __forceinline__ float quad_max(float x) {
 __device__ __forceinline__ float quad_sum(float x) {
   x += __shfl_xor_sync(0xffffffffu, x, 1);
   return x + __shfl_xor_sync(0xffffffffu, x, 2);
+}
+
+// Warp products on register accumulators, each over the warp's kMTiles strips of 16 rows. Tiles are
+// PaddedTile rows of kRow elements in shared memory; the `*_lane` pointers already hold the calling lane's
+// ldmatrix offset (RowsThenColumns or ColumnsThenRows) into the first row and column of the product.
+
+// acc[mi][nt] += A B^T over the first k_steps (<= kKSteps) 16-wide slices of the rows' width: A's rows are
+// the strips of `a_lane` (RowsThenColumns), B's the kNTiles8 * 8 rows of `b_lane` (ColumnsThenRows).
+// S = Q K^T, dP = dO V^T, and their transposes.
+template <bool kBf16, int kKSteps, int kRow, int kMTiles, int kNTiles8, typename mma_t>
+__device__ __forceinline__ void mma_rows_by_rows(float (&acc)[kMTiles][kNTiles8][4], const mma_t* a_lane,
+                                                 const mma_t* b_lane, int k_steps) {
+#pragma unroll
+  for (int ks = 0; ks < kKSteps; ++ks) {
+    if (ks >= k_steps) break;
+    uint32_t a[kMTiles][4];
+#pragma unroll
+    for (int mi = 0; mi < kMTiles; ++mi) ptx::ldmatrix_x4(a[mi], a_lane + mi * kMmaTile * kRow + ks * kMmaTile);
+#pragma unroll
+    for (int nt = 0; nt < kNTiles8; nt += 2) {
+      uint32_t b[4];
+      ptx::ldmatrix_x4(b, b_lane + nt * 8 * kRow + ks * kMmaTile);
+#pragma unroll
+      for (int mi = 0; mi < kMTiles; ++mi) {
+        ptx::mma<kBf16>(acc[mi][nt], a[mi], {b[0], b[1]});
+        ptx::mma<kBf16>(acc[mi][nt + 1], a[mi], {b[2], b[3]});
+      }
+    }
+  }
+}
+
+// acc[mi][nt] += A B over the first k_slices (<= kKSlices) 16-row slices of B and the first n_steps 16-wide
+// slices of its columns: A is given as fragments (pack_accumulators), B's rows are the k index, read
+// transposed from `b_lane` (RowsThenColumns). O += P V, dV += P^T dO, dK += dS^T Q, dQ += dS K.
+template <bool kBf16, int kRow, int kMTiles, int kKSlices, int kNTiles8, typename mma_t>
+__device__ __forceinline__ void mma_fragments_by_rows(float (&acc)[kMTiles][kNTiles8][4],
+                                                      const uint32_t (&a)[kMTiles][kKSlices][4], const mma_t* b_lane,
+                                                      int k_slices, int n_steps) {
+#pragma unroll
+  for (int kt = 0; kt < kKSlices; ++kt) {
+    if (kt >= k_slices) break;
+#pragma unroll
+    for (int nt = 0; nt < kNTiles8; nt += 2) {
+      if (nt / 2 >= n_steps) break;
+      uint32_t b[4];
+      ptx::ldmatrix_x4_trans(b, b_lane + kt * kMmaTile * kRow + nt * 8);
+#pragma unroll
+      for (int mi = 0; mi < kMTiles; ++mi) {
+        ptx::mma<kBf16>(acc[mi][nt], a[mi][kt], {b[0], b[1]});
+        ptx::mma<kBf16>(acc[mi][nt + 1], a[mi][kt], {b[2], b[3]});
+      }
+    }
+  }
+}
+
+// fp32 accumulators rounded to 16 bits as A fragments: the accumulators of n8 tiles 2 kt and 2 kt + 1 are
+// the A fragment of 16-wide k slice kt of the next product (P from S, dS from its fp32 values).
+template <typename scalar_t, int kMTiles, int kNTiles8>
+__device__ __forceinline__ void pack_accumulators(uint32_t (&a)[kMTiles][kNTiles8 / 2][4],
+                                                  const float (&acc)[kMTiles][kNTiles8][4]) {
+#pragma unroll
+  for (int mi = 0; mi < kMTiles; ++mi) {
+#pragma unroll
+    for (int kt = 0; kt < kNTiles8 / 2; ++kt) {
+      const float(&lo)[4] = acc[mi][2 * kt];
+      const float(&hi)[4] = acc[mi][2 * kt + 1];
+      a[mi][kt][0] = pack_operands<scalar_t>(lo[0], lo[1]);
+      a[mi][kt][1] = pack_operands<scalar_t>(lo[2], lo[3]);
+      a[mi][kt][2] = pack_operands<scalar_t>(hi[0], hi[1]);
+      a[mi][kt][3] = pack_operands<scalar_t>(hi[2], hi[3]);
+    }
+  }
 }
 
 }  // namespace mha_ext::cuda
