@@ -9,7 +9,9 @@
 //   - dQ: a work item owns 64 query rows of one batch-head and loops over the key tiles: S = Q K^T,
 //     dP = dO V^T, dS, dQ += dS K, and the score gradient for the mask/bias gradients from the fp32 dS.
 // P and dS come from prob_and_grad_from_dots on each element, by its (row, column): the same rule as every
-// backward kernel. Each output element is written once, by one thread summing in a fixed order.
+// backward kernel; in the plain variants (no mask, bias or dropout: scores_need_masking) from the dot
+// products, the scale and the LSE directly. Each output element is written once, by one thread summing in
+// a fixed order.
 #pragma once
 
 #include <algorithm>
@@ -17,20 +19,37 @@
 #include "cuda/backward_kernel.cuh"
 #include "cuda/kernel_traits.cuh"
 #include "cuda/mma_fragments.cuh"
+#include "cuda/static_switch.h"
 #include "cuda/tensor_core_launch.cuh"
 #include "cuda/tile.cuh"
 
 namespace mha_ext::cuda {
 
-// P and dS of an in-bounds pair, 0 for padding rows and columns.
-template <typename scalar_t>
-__device__ __forceinline__ ProbAndGrad<float> prob_and_grad_or_zero(bool in_bounds, const HeadScores<scalar_t>& head,
-                                                                    int64_t n, int64_t row, int64_t col, float dot_qk,
-                                                                    float dot_dov, float lse, float delta) {
-  return in_bounds ? prob_and_grad_from_dots(head, n, row, col, dot_qk, dot_dov, lse, delta) : ProbAndGrad<float>{0.f, 0.f};
+// What the plain kernels subtract from a pair's exponent for its query row's LSE: lse log2 e, or +inf for
+// a row that attended nothing (its probabilities are 0).
+__device__ __forceinline__ float lse_exponent(float lse) {
+  return attended_nothing(lse) ? -neg_inf<float>() : lse * kLog2e;
 }
 
-template <typename scalar_t, typename Traits>
+// P and dS of pair (row, col), 0 for padding rows and columns. The kMasked kernels (a mask, bias or
+// dropout) apply every rule by prob_and_grad_from_dots; the plain ones (causality at most, a positive
+// scale) take P = 2^(dot scale log2 e - lse log2 e) (`exponent_scale`, `lse_exp`: lse_exponent) directly.
+template <bool kMasked, typename scalar_t>
+__device__ __forceinline__ ProbAndGrad<float> pair_prob_and_grad(bool in_bounds, const HeadScores<scalar_t>& head,
+                                                                 int64_t n, int64_t row, int64_t col, float dot_qk,
+                                                                 float dot_dov, float lse, float delta,
+                                                                 float exponent_scale) {
+  if constexpr (kMasked) {
+    return in_bounds ? prob_and_grad_from_dots(head, n, row, col, dot_qk, dot_dov, lse, delta)
+                     : ProbAndGrad<float>{0.f, 0.f};
+  } else {
+    const bool visible = in_bounds && !head.p.causal.excludes(row, col);
+    const float prob = visible ? ptx::ex2(dot_qk * exponent_scale - lse) : 0.f;
+    return {prob, prob * (dot_dov - delta)};
+  }
+}
+
+template <typename scalar_t, typename Traits, bool kMasked>
 __global__ void __launch_bounds__(kThreads)
     key_grad_mma_kernel(const __grid_constant__ AttentionGradParams g, const float* delta_all, const bool chunked) {
 // An empty body below sm80, which the launcher never runs (see forward_mma_kernel.cuh).
@@ -52,6 +71,7 @@ __global__ void __launch_bounds__(kThreads)
   const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
   const FragmentLane at(lane);
   const int strip0 = warp * kMmaTile;  // the warp's first key in the tile
+  const float exponent_scale = static_cast<float>(p.scale) * kLog2e;  // the plain kernels' (pair_prob_and_grad)
   // ldmatrix offsets: K and V strips as A operands; Q and dO rows as the B operand of S^T, dP^T
   // (transposed: Q^T, dO^T), and read transposed as the B operand of dK, dV.
   const int owned_lane = (strip0 + RowsThenColumns::row(lane)) * kRow + RowsThenColumns::col(lane);
@@ -77,7 +97,11 @@ __global__ void __launch_bounds__(kThreads)
                                          g.grad_out.ptr<scalar_t>(p.grid, n) + q0 * g.grad_out.row_stride,
                                          g.grad_out.row_stride, rows, Ev, chunked);
       ptx::cp_async_commit();
-      load_row_values(lse_rows, static_cast<const float*>(p.lse) + n * p.L + q0, rows, kBlockQ, neg_inf<float>());
+      // The plain kernels keep the LSE as lse_exponent.
+      for (int i = threadIdx.x; i < kBlockQ; i += kThreads) {
+        const float lse = i < rows ? static_cast<const float*>(p.lse)[n * p.L + q0 + i] : neg_inf<float>();
+        lse_rows[i] = kMasked ? lse : lse_exponent(lse);
+      }
       load_row_values(delta_rows, delta_all + n * p.L + q0, rows, kBlockQ, 0.f);
       ptx::cp_async_wait<0>();
       __syncthreads();  // Q, dO, LSE and delta (and, first, K and V) are in
@@ -99,8 +123,8 @@ __global__ void __launch_bounds__(kThreads)
             float& prob = scores_t[0][nt][2 * h + c];
             float& grad_score = grad_probs_t[0][nt][2 * h + c];
             const ProbAndGrad<float> pg =
-                prob_and_grad_or_zero(key < cols && query < rows, head, n, q0 + query, k0 + key, prob, grad_score,
-                                      lse_rows[query], delta_rows[query]);
+                pair_prob_and_grad<kMasked>(key < cols && query < rows, head, n, q0 + query, k0 + key, prob,
+                                            grad_score, lse_rows[query], delta_rows[query], exponent_scale);
             prob = pg.prob;
             grad_score = pg.grad_score;
           }
@@ -140,7 +164,7 @@ __global__ void __launch_bounds__(kThreads)
 #endif
 }
 
-template <typename scalar_t, typename Traits>
+template <typename scalar_t, typename Traits, bool kMasked>
 __global__ void __launch_bounds__(kThreads)
     query_grad_mma_kernel(const __grid_constant__ AttentionGradParams g, const float* delta_all, const bool chunked) {
 #if MHA_SM80_DEVICE_CODE
@@ -159,6 +183,7 @@ __global__ void __launch_bounds__(kThreads)
   const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
   const FragmentLane at(lane);
   const int strip0 = warp * kMmaTile;  // the warp's first query row in the tile
+  const float exponent_scale = static_cast<float>(p.scale) * kLog2e;  // the plain kernels' (pair_prob_and_grad)
   // ldmatrix offsets: Q and dO strips as A operands; K and V rows as the B operand of S, dP (K^T, V^T), and
   // K read transposed as the B operand of dQ.
   const int owned_lane = (strip0 + RowsThenColumns::row(lane)) * kRow + RowsThenColumns::col(lane);
@@ -176,6 +201,7 @@ __global__ void __launch_bounds__(kThreads)
     for (int h = 0; h < 2; ++h) {
       const int i = strip0 + at.g + 8 * h;
       lse[h] = i < rows ? static_cast<const float*>(p.lse)[n * p.L + q0 + i] : neg_inf<float>();
+      if constexpr (!kMasked) lse[h] = lse_exponent(lse[h]);
       delta[h] = i < rows ? delta_all[n * p.L + q0 + i] : 0.f;
     }
     float grad_q[1][kHeadTiles8][4] = {};
@@ -210,8 +236,8 @@ __global__ void __launch_bounds__(kThreads)
             const int j = nt * 8 + 2 * at.t + c;
             const bool in_bounds = i < rows && j < cols;
             float& grad_score = scores[0][nt][2 * h + c];
-            grad_score = prob_and_grad_or_zero(in_bounds, head, n, q0 + i, k0 + j, grad_score,
-                                               grad_probs[0][nt][2 * h + c], lse[h], delta[h])
+            grad_score = pair_prob_and_grad<kMasked>(in_bounds, head, n, q0 + i, k0 + j, grad_score,
+                                                     grad_probs[0][nt][2 * h + c], lse[h], delta[h], exponent_scale)
                              .grad_score;
             if (in_bounds && grad_scores_slab != nullptr) grad_scores_slab[(q0 + i) * p.S + k0 + j] = grad_score;
           }
@@ -255,16 +281,18 @@ void launch_backward_mma(const AttentionGradParams& g) {
                        rows_are_chunked<scalar_t>(g.grad_out, p.grid, p.Ev);
   const at::Tensor delta = run_delta<scalar_t>(g);
   const float* delta_ptr = delta.const_data_ptr<float>();
-  launch_kernel(key_grad_mma_kernel<scalar_t, KeyTraits>, key_tile_items<KeyTraits::kOwnedRows>(p),
-                KeyTraits::smem_bytes(), g, delta_ptr, chunked);
-  launch_kernel(query_grad_mma_kernel<scalar_t, QueryTraits>, query_tile_items<QueryTraits::kOwnedRows>(p),
-                QueryTraits::smem_bytes(), g, delta_ptr, chunked);
+  MHA_BOOL_SWITCH(scores_need_masking(p), kMasked, [&] {
+    launch_kernel(key_grad_mma_kernel<scalar_t, KeyTraits, kMasked>, key_tile_items<KeyTraits::kOwnedRows>(p),
+                  KeyTraits::smem_bytes(), g, delta_ptr, chunked);
+    launch_kernel(query_grad_mma_kernel<scalar_t, QueryTraits, kMasked>,
+                  query_tile_items<QueryTraits::kOwnedRows>(p), QueryTraits::smem_bytes(), g, delta_ptr, chunked);
+  });
 }
 
 template <typename scalar_t, int kHeadDim>
-std::string backward_mma_unavailable(const AttentionParams&) {
-  // Both kernels are built for the same targets: the key kernel's image answers for the pair.
-  return tensor_core_launch_unavailable(key_grad_mma_kernel<scalar_t, KeyGradMmaTraits<kHeadDim>>,
+std::string backward_mma_unavailable(const AttentionParams& p) {
+  // The four kernels are built for the same targets: one image answers for them all.
+  return tensor_core_launch_unavailable(key_grad_mma_kernel<scalar_t, KeyGradMmaTraits<kHeadDim>, true>,
                                         std::max(KeyGradMmaTraits<kHeadDim>::smem_bytes(),
                                                  QueryGradMmaTraits<kHeadDim>::smem_bytes()));
 }

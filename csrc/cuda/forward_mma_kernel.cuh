@@ -23,8 +23,6 @@
 
 namespace mha_ext::cuda {
 
-constexpr float kLog2e = 1.4426950408889634f;
-
 // The first key tile from k0 on that the item's rows have work with, or k_end: from the pre-pass's map
 // under a bool mask (one byte per key tile, the same for every thread); otherwise every tile before k_end.
 template <int kBlockK>

@@ -31,6 +31,9 @@ struct MmaOperand<c10::BFloat16> {
   __device__ static type round(float x) { return __float2bfloat16_rn(x); }
 };
 
+// The softmax's exponentials are ex2 (ptx.cuh) of exponents in base 2: exp(x) = 2^(x log2 e).
+constexpr float kLog2e = 1.4426950408889634f;
+
 template <typename scalar_t>
 constexpr bool kIsBf16 = std::is_same_v<scalar_t, c10::BFloat16>;
 
