@@ -16,7 +16,7 @@ nvidia-cuda-cuobjdump wheel, a CUDA 13 toolkit with nvcc on PATH, no GPU needed)
 
 `--ref REV` analyses the kernels of a git revision (extracted to build/static-evidence/tree-<sha>/)
 instead of the working tree, e.g. `--ref HEAD` while the working tree is being edited; `--sources REGEX`
-keeps the .cu files whose name matches (each nvcc job takes minutes: `--sources '_tc_|_mma_'` for the
+keeps the .cu files whose name matches (each nvcc job takes minutes: `--sources '_mma_'` for the
 tensor-core kernels only). The table of docs/cuda.md ("Static evidence") lists its exact command.
 
 Dynamic shared memory is chosen at launch, so ptxas cannot report it: give it per kernel with
@@ -412,8 +412,15 @@ def count_loop(instrs: list, start: int, end: int) -> LoopStats:
 # ------------------------------------------------------------------------------------ kernel naming
 
 def without_parameters(demangled: str) -> str:
-    """The demangled name up to its parameter list (anonymous namespaces dropped: their '(' is not it)."""
-    return demangled.replace("(anonymous namespace)::", "").split("(")[0]
+    """The demangled name up to its parameter list: the first '(' outside the template arguments (anonymous
+    namespaces dropped; enum template arguments demangle as casts, '(KeyGrads)0', inside them)."""
+    name = demangled.replace("(anonymous namespace)::", "")
+    depth = 0
+    for i, c in enumerate(name):
+        depth += {"<": 1, ">": -1}.get(c, 0)
+        if c == "(" and depth == 0:
+            return name[:i]
+    return name
 
 
 def kernel_dtype(demangled: str) -> str:
@@ -435,11 +442,13 @@ def kernel_direction(demangled: str) -> str:
 
 
 def short_name(demangled: str) -> str:
-    """`void mha_ext::cuda::forward_tensor_core_kernel<c10::Half, mha_ext::cuda::ForwardTensorCoreTraits<64> >(...)`
-    -> `forward_tensor_core_kernel<Half, ForwardTensorCoreTraits<64>>`."""
+    """`void mha_ext::cuda::forward_mma_kernel<c10::Half, mha_ext::cuda::ForwardMmaTraits<64, false>, false>(...)`
+    -> `forward_mma_kernel<Half, ForwardMmaTraits<64, false>, false>`."""
     name = re.sub(r"^void ", "", without_parameters(demangled))
     name = re.sub(r"\b(mha_ext::cuda::|pytorch_flash::|c10::|cutlass::)", "", name)
     name = re.sub(r", Flash_kernel_traits<[^<>]*>", "", name)
+    # backward_mma_kernel.cuh's KeyGrads, by name.
+    name = re.sub(r"\(KeyGrads\)(\d)", lambda m: ("kBoth", "kValue", "kKey")[int(m.group(1))], name)
     return re.sub(r"\s+>", ">", name)
 
 
@@ -655,7 +664,7 @@ def main() -> None:
     parser.add_argument("--smem", action="append", metavar="REGEX=BYTES",
                         help="dynamic shared memory of the kernels whose demangled name matches REGEX (repeatable)")
     parser.add_argument("--sources", default="", metavar="REGEX",
-                        help="only the csrc/cuda .cu files whose name matches REGEX (default: all; e.g. '_tc_|_mma_')")
+                        help="only the csrc/cuda .cu files whose name matches REGEX (default: all; e.g. '_mma_')")
     parser.add_argument("--ref", help="analyse csrc/ of this git revision instead of the working tree")
     args = parser.parse_args()
     started = time.time()

@@ -1,7 +1,8 @@
 """The emulator of the CUDA kernels (tests/cuda_emulator, docs/cuda.md "Testing without a GPU") itself, and
 what only it can show: its checks of the CUDA language's rules, the other warp order, a part with less
-shared memory. It runs each CUDA thread as a fiber, checks barrier convergence and WMMA's rules, and fills
-shared memory with NaN before each block; it does not model timing (races and speed are for a GPU)."""
+shared memory. It runs each CUDA thread as a fiber, checks barrier convergence and the rules of the
+warp-wide sm80 instructions, and fills shared memory with NaN before each block; it does not model timing
+(races and speed are for a GPU)."""
 
 from __future__ import annotations
 
@@ -17,6 +18,11 @@ from helpers.cases import (CASES, TENSOR_CORE_DTYPES, TENSOR_CORE_VARIANTS, asse
 from helpers.emulator import emulated_cuda_kernels
 
 pytestmark = EMULATOR_MARKS
+
+
+def _explain_args(inputs):
+    """What mha_ext.explain takes of a call's inputs."""
+    return {name: inputs[name] for name in ("query", "key", "value", "attn_mask", "attn_bias", "is_causal")}
 
 
 def test_emulator_runs_shuffles_and_votes(emulator):
@@ -45,16 +51,6 @@ def test_emulator_shows_a_missing_barrier_in_one_warp_order(emulator, monkeypatc
 def test_emulator_reports_writes_past_shared_memory(emulator):
     with pytest.raises(RuntimeError, match="wrote shared memory byte 256, past the 256 bytes"):
         emulator.self_check("shared_overrun")
-
-
-def test_emulator_checks_wmma_alignment(emulator):
-    with pytest.raises(RuntimeError, match="store_matrix_sync: the pointer is not 256-bit aligned"):
-        emulator.self_check("misaligned_wmma")
-
-
-def test_emulator_checks_that_wmma_arguments_are_warp_uniform(emulator):
-    with pytest.raises(RuntimeError, match="load_matrix_sync: the lanes of a warp pass different pointers"):
-        emulator.self_check("divergent_wmma_pointer")
 
 
 # The sm80 instructions (csrc/cuda/ptx.cuh, tests/cuda_emulator/ptx.cpp). The expected values come from the
@@ -188,29 +184,34 @@ def test_emulated_cuda_matches_cpu_with_warps_in_reverse(emulator, monkeypatch, 
     assert_results_close(emulated, cpu, dtype, device_type="cpu")
 
 
-@pytest.mark.parametrize("variant", ["bool_padding_bias_full", "causal_L_gt_S"])
-def test_emulated_head_dim_256_backward_runs_on_tensor_cores_only_where_shared_memory_allows(emulator, monkeypatch,
-                                                                                               variant):
-    # The forward's tiles fit the 99 KiB of every sm80+ part at head dim 256 (exactly); the backward's take
-    # 145-157 KiB: an H100 or A100 runs it on tensor cores, a 99 KiB part (sm86/sm89, emulated by
-    # MHA_EXT_EMULATOR_SHARED_BYTES) on CUDA cores, bitwise as with setting cuda_tensor_cores off for the
-    # backward alone; mha_ext.explain says which and why.
+@pytest.mark.parametrize("variant, backward_bytes", [("plain", 99 * 1024), ("bool_padding_bias_full", 84480)])
+def test_emulated_head_dim_256_runs_on_tensor_cores_in_99_kib_of_shared_memory(emulator, monkeypatch, variant,
+                                                                               backward_bytes):
+    # Head dim 256's tiles take at most the 99 KiB of the smallest sm80+ parts (sm86/sm89, emulated by
+    # MHA_EXT_EMULATOR_SHARED_BYTES): the forward's exactly, the backward's exactly in the plain variant
+    # and 82.5 KiB in the masked one (half as many streamed rows). They run on tensor cores there, the
+    # backward's dK/dV in two passes; a part with less would run those that do not fit on CUDA cores, and
+    # mha_ext.explain says which and why.
     inputs, grad_out = make_inputs(tensor_core_case(variant, 256, 232), torch.bfloat16, "cpu")
-    explain_args = {name: inputs[name] for name in ("query", "key", "value", "attn_mask", "attn_bias", "is_causal")}
+    explain_args = _explain_args(inputs)
     cpu = run(inputs, grad_out)
     with emulated_cuda_kernels():
-        explained = mha_ext.explain(**explain_args)
-        assert explained.forward.kernel.startswith("tensor cores") and explained.backward.kernel.startswith("tensor cores")
-        tensor_cores = run(inputs, grad_out)
         monkeypatch.setenv("MHA_EXT_EMULATOR_SHARED_BYTES", str(99 * 1024))
         explained = mha_ext.explain(**explain_args)
-        assert explained.forward.kernel.startswith("tensor cores") and explained.backward.kernel.startswith("CUDA cores")
-        assert "KiB of shared memory per block, more than this device allows" in explained.backward.not_taken["tensor cores"]
+        assert explained.forward.kernel.startswith("tensor cores (forward_mma_kernel)")
+        assert explained.backward.kernel.startswith("tensor cores (backward_mma_kernel)")
+        assert "dV and dK in two passes" in explained.backward.tiles
+        tensor_cores = run(inputs, grad_out)
+        monkeypatch.setenv("MHA_EXT_EMULATOR_SHARED_BYTES", str(99 * 1024 - 1))
+        explained = mha_ext.explain(**explain_args)
+        assert explained.forward.kernel.startswith("CUDA cores")
+        assert "99 KiB of shared memory per block, more than this device allows" in explained.forward.not_taken[
+            "tensor cores"]
+        assert explained.backward.kernel.startswith("CUDA cores" if backward_bytes > 99 * 1024 - 1 else "tensor cores")
         small_part = run(inputs, grad_out)
     assert_results_close(tensor_cores, cpu, torch.bfloat16, device_type="cpu")
     assert_results_close(small_part, cpu, torch.bfloat16, device_type="cpu")
-    assert torch.equal(small_part["out"], tensor_cores["out"])  # the same forward kernel
-    assert not torch.equal(tensor_cores["grad_query"], small_part["grad_query"])
+    assert not torch.equal(tensor_cores["out"], small_part["out"])  # other forward kernels ran
 
 
 # ---- The tensor-core forward (csrc/cuda/forward_mma_kernel.cuh) on the emulated mma.sync, ldmatrix, cp.async ----
@@ -228,10 +229,12 @@ def test_emulated_tensor_core_forward_matches_reference_with_warps_in_reverse(em
 @pytest.mark.parametrize("dtype", TENSOR_CORE_DTYPES)
 @pytest.mark.parametrize("variant", ["plain", "bool_padding_bias_full", "fully_masked_rows", "float32_mask_row_bias",
                                      "causal_L_gt_S", "causal_lower_right_L_lt_S", "single_query"])
-def test_emulated_tensor_core_backward_matches_cpu_with_warps_in_reverse(emulator, monkeypatch, variant, dtype):
-    # The mma.sync backward (head dims up to 128) in the other warp order.
+@pytest.mark.parametrize("E, Ev", [(72, 40), (136, 200)])
+def test_emulated_tensor_core_backward_matches_cpu_with_warps_in_reverse(emulator, monkeypatch, variant, E, Ev, dtype):
+    # The mma.sync backward in the other warp order, with dK and dV in one pass (head dims up to 128) and in
+    # two (above).
     monkeypatch.setenv("MHA_EXT_EMULATOR_WARP_ORDER", "reverse")
-    case = tensor_core_case(variant, 72, 40)
+    case = tensor_core_case(variant, E, Ev)
     cpu = run(*make_inputs(case, dtype, "cpu"))
     with emulated_cuda_kernels():
         emulated = run(*make_inputs(case, dtype, "cpu"))
@@ -242,9 +245,8 @@ def test_emulated_tensor_core_backward_matches_cpu_with_warps_in_reverse(emulato
 @pytest.mark.parametrize("case", ["plain", "causal_L_gt_S", "bool_padding_bias_full"])
 @pytest.mark.parametrize("E, Ev", [(64, 64), (128, 128), (256, 256), (40, 72)])
 def test_emulated_tensor_core_kernels_have_no_shared_memory_bank_conflicts(emulator, case, E, Ev, dtype):
-    # Every ldmatrix and cp.async of the forward and of the mma.sync backward (head dims up to 128; above,
-    # the WMMA backward issues neither) is one wavefront per phase: the padded rows put the 8 rows of a
-    # phase on distinct banks.
+    # Every ldmatrix and cp.async of the forward and of the backward is one wavefront per phase: the
+    # padded rows put the 8 rows of a phase on distinct banks.
     inputs, grad_out = make_inputs(tensor_core_case(case, E, Ev), dtype, "cpu")
     with emulated_cuda_kernels():
         emulator.reset_bank_conflicts()
@@ -262,14 +264,29 @@ def _unaligned_copy(t):
 
 @pytest.mark.parametrize("dtype", TENSOR_CORE_DTYPES)
 @pytest.mark.parametrize("case", ["plain", "bool_padding_bias_full", "causal_lower_right_L_gt_S"])
-def test_emulated_tensor_core_forward_loads_unaligned_rows_element_by_element(emulator, case, dtype):
-    # Rows that do not start on 16 bytes cannot be cp.async chunks; the kernel then loads them element by
-    # element into the same tiles: bitwise the same results, and no cp.async issued.
-    inputs, _ = make_inputs(tensor_core_case(case, 64, 64), dtype, "cpu")
+def test_emulated_tensor_core_kernels_stage_unaligned_rows_in_chunks(emulator, case, dtype):
+    # Rows that do not start on 16 bytes cannot be cp.async chunks: the launchers copy them into aligned,
+    # zero-padded buffers first (chunked_rows.cuh), so forward and backward give bitwise the same results.
+    inputs, grad_out = make_inputs(tensor_core_case(case, 64, 64), dtype, "cpu")
+    unaligned_inputs = dict(inputs, **{name: _unaligned_copy(inputs[name]) for name in ("query", "key", "value")})
+    assert all(unaligned_inputs[name].data_ptr() % 16 != 0 for name in ("query", "key", "value"))
     with emulated_cuda_kernels():
-        aligned = mha_ext.scaled_dot_product_attention(**inputs, return_lse=True)
-        emulator.reset_bank_conflicts()
-        unaligned_inputs = dict(inputs, **{name: _unaligned_copy(inputs[name]) for name in ("query", "key", "value")})
-        unaligned = mha_ext.scaled_dot_product_attention(**unaligned_inputs, return_lse=True)
-        assert emulator.bank_conflicts().get("cp.async", (0, 0))[0] == 0
-    assert torch.equal(aligned[0], unaligned[0]) and torch.equal(aligned[1], unaligned[1])
+        aligned = run(inputs, grad_out)
+        unaligned = run(unaligned_inputs, _unaligned_copy(grad_out))
+    assert aligned.keys() == unaligned.keys()
+    for name in aligned:
+        assert torch.equal(aligned[name], unaligned[name]), name
+
+
+@pytest.mark.parametrize("dtype", TENSOR_CORE_DTYPES)
+@pytest.mark.parametrize("variant", ["plain", "bool_padding_bias_full", "causal_L_gt_S"])
+@pytest.mark.parametrize("E, Ev", [(36, 20), (130, 4)])
+def test_emulated_tensor_core_kernels_take_head_dims_that_are_not_multiples_of_8(emulator, variant, E, Ev, dtype):
+    # Such rows are not whole 16-byte chunks either: staged with zero padding, which adds 0 to every product.
+    case = tensor_core_case(variant, E, Ev)
+    cpu = run(*make_inputs(case, dtype, "cpu"))
+    with emulated_cuda_kernels():
+        assert mha_ext.explain(**_explain_args(make_inputs(case, dtype, "cpu")[0])).backward.kernel.startswith(
+            "tensor cores (backward_mma_kernel)")
+        emulated = run(*make_inputs(case, dtype, "cpu"))
+    assert_results_close(emulated, cpu, dtype, device_type="cpu")

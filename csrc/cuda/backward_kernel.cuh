@@ -98,9 +98,8 @@ __global__ void __launch_bounds__(kThreads)
     zero_rows(grad_k, ld_qk, kBlockK, E);
     zero_rows(grad_v, ld_v, kBlockK, Ev);
 
-    for_each_query_tile<kBlockQ, scalar_t>(p, m, k0, cols, [&](int64_t n, const HeadScores<scalar_t>& head,
-                                                              int64_t q0, int rows) {
-      const scalar_t* grad_out = g.grad_out.ptr<scalar_t>(p.grid, n);
+    for_each_query_tile<kBlockQ, scalar_t>(g, m, k0, cols, [&](int64_t n, const HeadScores<scalar_t>& head,
+                                                              const scalar_t* grad_out, int64_t q0, int rows) {
       load_rows(q_tile, ld_qk, head.q + q0 * p.query.row_stride, p.query.row_stride, rows, kBlockQ, E);
       load_rows(grad_out_tile, ld_v, grad_out + q0 * g.grad_out.row_stride, g.grad_out.row_stride, rows, kBlockQ,
                 Ev);

@@ -13,18 +13,18 @@ std::string tensor_cores_unavailable(bool backward, const AttentionParams& p, at
   }
   // Setting cuda_tensor_cores "off" keeps fp16/bf16 on the CUDA-core kernels, to compare the two paths.
   if (!kernel_settings().cuda_tensor_cores) return "setting cuda_tensor_cores is off";
-  if (backward) {
-    return dtype == at::kHalf ? backward_tensor_cores_unavailable<c10::Half>(p)
-                              : backward_tensor_cores_unavailable<c10::BFloat16>(p);
-  }
   return MHA_BOOL_SWITCH(scores_need_masking(p), kMasked, [&] {
+    if (backward) {
+      return dtype == at::kHalf ? backward_mma_unavailable<c10::Half, kMasked>(p)
+                                : backward_mma_unavailable<c10::BFloat16, kMasked>(p);
+    }
     return dtype == at::kHalf ? forward_mma_unavailable<c10::Half, kMasked>(p)
                               : forward_mma_unavailable<c10::BFloat16, kMasked>(p);
   });
 }
 
-// fp16/bf16 run on tensor cores where they can (sm80+; the backward with E or Ev in 129..256 only on parts
-// with 163 KiB of shared memory per block), the rest on CUDA cores.
+// fp16/bf16 run on tensor cores where they can (a build with an sm80+ image, on an sm80+ part), the rest on
+// CUDA cores.
 void dispatch_forward(const AttentionParams& p, at::ScalarType dtype) {
   if (tensor_cores_unavailable(/*backward=*/false, p, dtype).empty()) {
     MHA_BOOL_SWITCH(scores_need_masking(p), kMasked, [&] {
@@ -37,7 +37,9 @@ void dispatch_forward(const AttentionParams& p, at::ScalarType dtype) {
 
 void dispatch_backward(const AttentionGradParams& g, at::ScalarType dtype) {
   if (tensor_cores_unavailable(/*backward=*/true, g.fwd, dtype).empty()) {
-    dtype == at::kHalf ? run_backward_tensor_cores<c10::Half>(g) : run_backward_tensor_cores<c10::BFloat16>(g);
+    MHA_BOOL_SWITCH(scores_need_masking(g.fwd), kMasked, [&] {
+      dtype == at::kHalf ? run_backward_mma<c10::Half, kMasked>(g) : run_backward_mma<c10::BFloat16, kMasked>(g);
+    });
     return;
   }
   MHA_DTYPE_SWITCH(dtype, scalar_t, [&] { run_backward<scalar_t>(g); });

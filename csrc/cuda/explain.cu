@@ -20,21 +20,18 @@ std::string tile_text(int block_q, int block_k) {
 std::string tiles(bool backward, bool tensor_cores, const AttentionParams& p, at::ScalarType dtype) {
   return MHA_DTYPE_SWITCH(dtype, scalar_t, [&] {
     return MHA_HEADDIM_SWITCH(std::max(p.E, p.Ev), kHeadDim, [&] {
-      if (tensor_cores && !backward) {
-        return MHA_BOOL_SWITCH(scores_need_masking(p), kMasked, [&] {
-          return tile_text(ForwardMmaTraits<kHeadDim, kMasked>::kBlockQ, ForwardMmaTraits<kHeadDim, kMasked>::kBlockK);
-        });
-      }
-      if (tensor_cores && kHeadDim <= kMaxMmaBackwardHeadDim) {
-        using Key = KeyGradMmaTraits<kHeadDim>;
-        using Query = QueryGradMmaTraits<kHeadDim>;
-        return "dK/dV: " + tile_text(Key::kStreamedRows, Key::kOwnedRows) +
-               "; dQ: " + tile_text(Query::kOwnedRows, Query::kStreamedRows);
-      }
       if (tensor_cores) {
-        using Key = BackwardTensorCoreTraits<KeyGradTensorCoreSmem, kHeadDim>;
-        using Query = BackwardTensorCoreTraits<QueryGradTensorCoreSmem, kHeadDim>;
-        return "dK/dV: " + tile_text(Key::kBlockQ, Key::kBlockK) + "; dQ: " + tile_text(Query::kBlockQ, Query::kBlockK);
+        return MHA_BOOL_SWITCH(scores_need_masking(p), kMasked, [&] {
+          if (!backward) {
+            return tile_text(ForwardMmaTraits<kHeadDim, kMasked>::kBlockQ,
+                             ForwardMmaTraits<kHeadDim, kMasked>::kBlockK);
+          }
+          using Key = KeyGradMmaTraits<kHeadDim, kMasked>;
+          using Query = QueryGradMmaTraits<kHeadDim, kMasked>;
+          return "dK/dV: " + tile_text(Key::kStreamedRows, Key::kOwnedRows) +
+                 (Key::kJointKeyGrads ? "" : ", dV and dK in two passes") +
+                 "; dQ: " + tile_text(Query::kOwnedRows, Query::kStreamedRows);
+        });
       }
       if (!backward) {
         using Forward = TileTraits<scalar_t, kHeadDim, ForwardSmem>;
@@ -55,13 +52,10 @@ KernelChoice choice(bool backward, const AttentionParams& p, at::ScalarType dtyp
     if (!backward) {
       choice.kernel = "tensor cores (forward_mma_kernel): mma.sync m16n8k16 products, scores, probabilities and "
                       "output in registers, ldmatrix operands, K/V streamed by cp.async, float32 accumulation";
-    } else if (std::max(p.E, p.Ev) <= kMaxMmaBackwardHeadDim) {
+    } else {
       choice.kernel = "tensor cores (backward_mma_kernel): mma.sync m16n8k16 products, S^T/dP^T (dK/dV) and S/dP "
                       "(dQ) and the gradients in registers, ldmatrix operands, tiles streamed by cp.async, float32 "
                       "accumulation";
-    } else {
-      choice.kernel = "tensor cores (backward_tc_kernel): WMMA m16n16k16 products of 16-bit operands, float32 "
-                      "accumulation (head dims above 128)";
     }
     choice.not_taken.emplace_back("CUDA cores", "float16 and bfloat16 run on tensor cores where the build and device allow");
   } else {

@@ -14,6 +14,7 @@
 #include <algorithm>
 
 #include "attention/online_softmax.h"
+#include "cuda/chunked_rows.cuh"
 #include "cuda/kernel_traits.cuh"
 #include "cuda/key_tile_map_kernel.cuh"
 #include "cuda/mma_fragments.cuh"
@@ -35,7 +36,7 @@ __device__ __forceinline__ int64_t next_key_tile(const uint8_t* item_tiles, int6
 
 template <typename scalar_t, typename Traits, bool kMasked>
 __global__ void __launch_bounds__(kThreads) forward_mma_kernel(const __grid_constant__ AttentionParams p,
-                                                                const bool chunked, const uint8_t* tile_map) {
+                                                                const uint8_t* tile_map) {
 // mma.sync with bf16 operands, ldmatrix and cp.async need sm80. A build for older targets gets an empty body,
 // which the launcher never runs (it checks the architecture of the kernel's image first).
 #if MHA_SM80_DEVICE_CODE
@@ -76,11 +77,11 @@ __global__ void __launch_bounds__(kThreads) forward_mma_kernel(const __grid_cons
     for (int mi = 0; mi < kMTiles; ++mi) row_max[mi][0] = row_max[mi][1] = neg_inf<float>();
 
     __syncthreads();  // the previous item's warps are done with the Q tile
-    copy_tile_async<kBlockQ, kHeadDim>(q_tile, head.q + q0 * p.query.row_stride, p.query.row_stride, rows, E, chunked);
+    copy_tile_async<kBlockQ, kHeadDim>(q_tile, head.q + q0 * p.query.row_stride, p.query.row_stride, rows, E);
     int64_t k0 = next_key_tile<kBlockK>(item_tiles, 0, k_end);
     if (k0 < k_end) {
       copy_tile_async<kBlockK, kHeadDim>(k_tile, head.k + k0 * p.key.row_stride, p.key.row_stride,
-                                         static_cast<int>(std::min<int64_t>(kBlockK, p.S - k0)), E, chunked);
+                                         static_cast<int>(std::min<int64_t>(kBlockK, p.S - k0)), E);
     }
     ptx::cp_async_commit();
 
@@ -93,7 +94,7 @@ __global__ void __launch_bounds__(kThreads) forward_mma_kernel(const __grid_cons
       ptx::cp_async_wait<0>();
       __syncthreads();  // Q and this K tile are in; every warp is done with the previous V tile
       copy_tile_async<kBlockK, kHeadDim>(v_tile, head.v + k0 * p.value.row_stride, p.value.row_stride,
-                                         static_cast<int>(std::min<int64_t>(kBlockK, p.S - k0)), Ev, chunked);
+                                         static_cast<int>(std::min<int64_t>(kBlockK, p.S - k0)), Ev);
       ptx::cp_async_commit();
 
       // S = Q K^T over the 16-wide slices of the head dim (slices past E are zero and skipped).
@@ -163,7 +164,7 @@ __global__ void __launch_bounds__(kThreads) forward_mma_kernel(const __grid_cons
       __syncthreads();  // this V tile is in; every warp is done with this K tile
       if (k_next < k_end) {
         copy_tile_async<kBlockK, kHeadDim>(k_tile, head.k + k_next * p.key.row_stride, p.key.row_stride,
-                                           static_cast<int>(std::min<int64_t>(kBlockK, p.S - k_next)), E, chunked);
+                                           static_cast<int>(std::min<int64_t>(kBlockK, p.S - k_next)), E);
       }
       ptx::cp_async_commit();
 
@@ -209,14 +210,14 @@ __global__ void __launch_bounds__(kThreads) forward_mma_kernel(const __grid_cons
 
 template <typename scalar_t, bool kMasked>
 void run_forward_mma(const AttentionParams& p) {
-  const bool chunked = rows_are_chunked<scalar_t>(p.query, p.grid, p.E) &&
-                       rows_are_chunked<scalar_t>(p.key, p.grid, p.E) &&
-                       rows_are_chunked<scalar_t>(p.value, p.grid, p.Ev);
+  AttentionParams params = p;  // with Q, K and V in whole 16-byte chunks
+  ChunkedRows staging;
+  staging.stage_inputs<scalar_t>(params);
   MHA_HEADDIM_SWITCH(std::max(p.E, p.Ev), kHeadDim, [&] {
     using Traits = ForwardMmaTraits<kHeadDim, kMasked>;
     const at::Tensor tile_map = key_tile_map<scalar_t, Traits::kBlockQ, Traits::kBlockK>(p);
     launch_kernel(forward_mma_kernel<scalar_t, Traits, kMasked>, query_tile_items<Traits::kBlockQ>(p),
-                  Traits::smem_bytes(), p, chunked, tile_map.defined() ? tile_map.const_data_ptr<uint8_t>() : nullptr);
+                  Traits::smem_bytes(), params, tile_map.defined() ? tile_map.const_data_ptr<uint8_t>() : nullptr);
   });
 }
 

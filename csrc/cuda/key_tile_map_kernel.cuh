@@ -12,11 +12,6 @@
 
 namespace mha_ext::cuda {
 
-template <int kBlockK>
-MHA_HOST_DEVICE int64_t key_tiles(const AttentionParams& p) {
-  return ceil_div(p.S, kBlockK);
-}
-
 template <typename scalar_t, int kBlockQ, int kBlockK>
 __global__ void __launch_bounds__(kThreads) key_tile_map_kernel(const __grid_constant__ AttentionParams p,
                                                                  uint8_t* map) {

@@ -33,11 +33,11 @@ inline bool scores_need_masking(const AttentionParams& p) {
 }
 template <typename scalar_t>
 void run_backward(const AttentionGradParams& g);
-// The same for the backward (backward_tc_kernel.cuh).
-template <typename scalar_t>
-void run_backward_tensor_cores(const AttentionGradParams& g);
-template <typename scalar_t>
-std::string backward_tensor_cores_unavailable(const AttentionParams& p);
+// The same for the backward (backward_mma_kernel.cuh), every head dim up to 256 on every sm80+ part.
+template <typename scalar_t, bool kMasked>
+void run_backward_mma(const AttentionGradParams& g);
+template <typename scalar_t, bool kMasked>
+std::string backward_mma_unavailable(const AttentionParams& p);
 template <typename scalar_t>
 void run_weights(const AttentionParams& p, void* weights);
 void run_dropout_mask(const AttentionParams& p, bool* keep);

@@ -7,7 +7,6 @@
 #include <cuda_fp16.h>
 
 #include <cstdint>
-#include <cstring>
 #include <type_traits>
 
 #include "cuda/kernel_traits.cuh"
@@ -69,12 +68,12 @@ struct ColumnsThenRows {
 };
 
 // Block-wide: rows [0, kRows) of a PaddedTile<kHeadDim> from global rows `ld` elements apart, as 16-byte
-// cp.async copies; rows past `rows` and columns past `width` are zero-filled without reading global memory.
-// `chunked` says that every row start is 16-byte aligned and width a multiple of 8 (the launcher checks);
-// otherwise the tile is copied element by element with plain loads. The caller commits and waits.
+// cp.async copies of the chunks that hold columns [0, width); rows past `rows` and chunks past those are
+// zero-filled without reading global memory. The rows are whole chunks (chunked_rows.cuh: the launchers
+// stage those that are not), zero past `width`. The caller commits and waits.
 template <int kRows, int kHeadDim, typename scalar_t>
 __device__ __forceinline__ void copy_tile_async(typename MmaOperand<scalar_t>::type* dst, const scalar_t* src,
-                                                int64_t ld, int rows, int width, bool chunked) {
+                                                int64_t ld, int rows, int width) {
   using mma_t = typename MmaOperand<scalar_t>::type;
   constexpr int kRowChunks = kHeadDim / kChunkElements, kRowsPerPass = kThreads / kRowChunks;
   static_assert(kThreads % kRowChunks == 0 && kRows % kRowsPerPass == 0,
@@ -90,30 +89,8 @@ __device__ __forceinline__ void copy_tile_async(typename MmaOperand<scalar_t>::t
 #pragma unroll 1
   for (; r < kRows; r += kRowsPerPass, from += kRowsPerPass * ld, to += kRowsPerPass * kRowElements) {
     const bool in_bounds = col_in_bounds && r < rows;
-    if (chunked) {
-      ptx::cp_async_16(to, in_bounds ? from : src, in_bounds);
-    } else {
-#pragma unroll
-      for (int e = 0; e < kChunkElements; ++e) {
-        const scalar_t x = in_bounds && col + e < width ? from[e] : scalar_t(0);
-        memcpy(to + e, &x, sizeof(x));
-      }
-    }
+    ptx::cp_async_16(to, in_bounds ? from : src, in_bounds);
   }
-}
-
-// Whether every row of `op` (a (grid, rows, width) operand, unit column stride) starts on 16 bytes and
-// `width` is a multiple of 8 elements: the tiles then stream in by 16-byte cp.async copies.
-template <typename scalar_t>
-bool rows_are_chunked(const Operand& op, const BatchGrid& grid, int64_t width) {
-  constexpr int64_t kElements = kChunkElements;
-  if (width % kElements != 0 || reinterpret_cast<uintptr_t>(op.data) % kChunkBytes != 0) return false;
-  if (op.row_stride % kElements != 0) return false;
-  for (int d = 0; d < grid.ndim; ++d) {
-    if (grid.sizes[d] > 1 && op.grid_strides[d] % kElements != 0) return false;
-  }
-  static_assert(sizeof(scalar_t) * kChunkElements == kChunkBytes);
-  return true;
 }
 
 // Reductions over the four lanes holding one fragment row (lanes 4g .. 4g + 3), the same on all four.

@@ -98,14 +98,20 @@ struct KeyTile {
   int cols;    // key rows in the tile: kBlockK, fewer in the last tile of a head
 };
 
+// Tiles of kBlockK keys in a head's S keys (the last one may be partial).
+template <int kBlockK>
+MHA_HOST_DEVICE int64_t key_tiles(const AttentionParams& p) {
+  return ceil_div(p.S, kBlockK);
+}
+
 template <int kBlockK>
 MHA_HOST_DEVICE int64_t key_tile_items(const AttentionParams& p) {
-  return p.grid.numel / p.grid.group * ceil_div(p.S, kBlockK);
+  return p.grid.numel / p.grid.group * key_tiles<kBlockK>(p);
 }
 
 template <int kBlockK>
 __device__ __forceinline__ KeyTile key_tile(const AttentionParams& p, int64_t item) {
-  const int64_t k_tiles = ceil_div(p.S, kBlockK);
+  const int64_t k_tiles = key_tiles<kBlockK>(p);
   const int64_t k0 = item % k_tiles * kBlockK;
   return {item / k_tiles, k0, static_cast<int>(std::min<int64_t>(kBlockK, p.S - k0))};
 }
@@ -158,18 +164,21 @@ __device__ __forceinline__ void for_each_key_tile(const HeadScores<scalar_t>& he
   }
 }
 
-// Block-wide, in a fixed order: visit(n, head, q0, rows) for each query head n of kv batch m (the G heads
-// sharing its K/V) and each of its tiles of kBlockQ query rows that has work with keys [k0, k0 + cols).
+// Block-wide, in a fixed order: visit(n, head, grad_out, q0, rows) for each query head n of kv batch m (the
+// G heads sharing its K/V), with its dO rows `grad_out` (located once per head: it takes divisions), and each
+// of its tiles of kBlockQ query rows that has work with keys [k0, k0 + cols).
 template <int kBlockQ, typename scalar_t, typename Visit>
-__device__ __forceinline__ void for_each_query_tile(const AttentionParams& p, int64_t m, int64_t k0, int cols,
+__device__ __forceinline__ void for_each_query_tile(const AttentionGradParams& g, int64_t m, int64_t k0, int cols,
                                                     Visit&& visit) {
+  const AttentionParams& p = g.fwd;
   for (int64_t n = m * p.grid.group; n < (m + 1) * p.grid.group; ++n) {
     const HeadScores<scalar_t> head(p, n);
+    const scalar_t* grad_out = g.grad_out.ptr<scalar_t>(p.grid, n);
     // Under causality, query rows before the first that sees key k0 attend none of these keys.
     const int64_t q_start = p.causal.first_query(k0) / kBlockQ * kBlockQ;
     for (int64_t q0 = q_start; q0 < p.L; q0 += kBlockQ) {
       const int rows = static_cast<int>(std::min<int64_t>(kBlockQ, p.L - q0));
-      if (head.tile_has_work(q0, rows, k0, cols)) visit(n, head, q0, rows);
+      if (head.tile_has_work(q0, rows, k0, cols)) visit(n, head, grad_out, q0, rows);
     }
   }
 }

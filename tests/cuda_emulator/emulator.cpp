@@ -1,7 +1,7 @@
 // Runs emulated kernel launches on the CPU. Each CUDA thread of a block is a fiber that runs until it
-// reaches a barrier. A warp goes on once all its lanes wait at the same warp barrier (the _sync primitives
-// and WMMA calls) or warp collective (ptx.cpp's instructions, which also follow the block through ptx.h),
-// the block once every thread waits at __syncthreads; anything else is a deadlock, and is reported. A
+// reaches a barrier. A warp goes on once all its lanes wait at the same warp barrier (the _sync primitives)
+// or warp collective (ptx.cpp's instructions, which also follow the block through ptx.h), the block once
+// every thread waits at __syncthreads; anything else is a deadlock, and is reported. A
 // barrier that a thread of its scope has exited past counts as one too: the kernels keep every thread to
 // the end. Blocks run one after another on the calling thread, so runs are deterministic.
 //

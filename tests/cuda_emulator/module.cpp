@@ -3,8 +3,6 @@
 // The ops' bodies (contract, entry, settings) are mha_ext._C's: this module links against it.
 #include <torch/extension.h>
 
-#include <mma.h>
-
 #include <memory>
 
 #include "attention/register_backend.h"
@@ -50,23 +48,6 @@ __global__ void shared_overrun_kernel(float* out) {
   out[threadIdx.x] = 0.f;
 }
 
-__global__ void misaligned_wmma_kernel(float* out) {
-  extern __shared__ __align__(128) unsigned char shared_memory[];
-  nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, 16, float> acc;
-  nvcuda::wmma::fill_fragment(acc, 0.f);
-  nvcuda::wmma::store_matrix_sync(reinterpret_cast<float*>(shared_memory) + 4, acc, 16, nvcuda::wmma::mem_row_major);
-  out[threadIdx.x] = 0.f;
-}
-
-// Each warp's lane 1 loads from 16 floats further on than the others.
-__global__ void divergent_wmma_pointer_kernel(float* out) {
-  extern __shared__ __align__(128) unsigned char shared_memory[];
-  nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, 16, float> acc;
-  const float* tile = reinterpret_cast<float*>(shared_memory) + (threadIdx.x % kWarpSize == 1 ? 16 : 0);
-  nvcuda::wmma::load_matrix_sync(acc, tile, 16, nvcuda::wmma::mem_row_major);
-  out[threadIdx.x] = 0.f;
-}
-
 at::Tensor self_check(const std::string& name) {
   at::Tensor out = at::zeros({kThreads});
   float* data = out.data_ptr<float>();
@@ -76,9 +57,6 @@ at::Tensor self_check(const std::string& name) {
   else if (name == "unwritten_shared_read") launch_kernel(unwritten_shared_read_kernel, 1, floats, data);
   else if (name == "missing_barrier") launch_kernel(missing_barrier_kernel, 1, kWarpSize * sizeof(float), data);
   else if (name == "shared_overrun") launch_kernel(shared_overrun_kernel, 1, floats / 2, data);
-  else if (name == "misaligned_wmma") launch_kernel(misaligned_wmma_kernel, 1, 16 * 16 * sizeof(float) + 16, data);
-  else if (name == "divergent_wmma_pointer")
-    launch_kernel(divergent_wmma_pointer_kernel, 1, 17 * 16 * sizeof(float), data);
   else TORCH_CHECK_VALUE(false, "no self-check named ", name);
   return out;
 }
