@@ -96,8 +96,7 @@ __global__ void __launch_bounds__(kThreads)
   mma_t* v_tile = shared_region<mma_t>(Traits::kOwnedB);
   mma_t* q_tile = shared_region<mma_t>(Traits::kStreamedA);
   mma_t* grad_out_tile = shared_region<mma_t>(Traits::kStreamedB);
-  const int E = static_cast<int>(p.E), Ev = static_cast<int>(p.Ev);
-  const int e_steps = static_cast<int>(ceil_div(E, kMmaTile)), ev_steps = static_cast<int>(ceil_div(Ev, kMmaTile));
+  const auto [E, Ev, e_steps, ev_steps] = mma_head_dims(p);
   const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
   const FragmentLane at(lane);
   const int strip0 = warp * kMmaTile;  // the warp's first key in the tile
@@ -230,8 +229,7 @@ __global__ void __launch_bounds__(kThreads)
   mma_t* grad_out_tile = shared_region<mma_t>(Traits::kOwnedB);
   mma_t* k_tile = shared_region<mma_t>(Traits::kStreamedA);
   mma_t* v_tile = shared_region<mma_t>(Traits::kStreamedB);
-  const int E = static_cast<int>(p.E), Ev = static_cast<int>(p.Ev);
-  const int e_steps = static_cast<int>(ceil_div(E, kMmaTile)), ev_steps = static_cast<int>(ceil_div(Ev, kMmaTile));
+  const auto [E, Ev, e_steps, ev_steps] = mma_head_dims(p);
   const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
   const FragmentLane at(lane);
   const int strip0 = warp * kMmaTile;  // the warp's first query row in the tile

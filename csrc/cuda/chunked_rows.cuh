@@ -49,7 +49,7 @@ class ChunkedRows {
     sizes.insert(sizes.end(), {rows, width});
     strides.insert(strides.end(), {op.row_stride, op.col_stride});
     std::vector<int64_t> padded_sizes = sizes;
-    padded_sizes.back() = (width + kChunkElements - 1) / kChunkElements * kChunkElements;
+    padded_sizes.back() = ceil_div(width, kChunkElements) * kChunkElements;
     int64_t numel = 1;
     for (int64_t size : padded_sizes) numel *= size;
     const at::ScalarType dtype = c10::CppTypeToScalarType<scalar_t>::value;

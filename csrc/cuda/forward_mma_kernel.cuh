@@ -50,8 +50,7 @@ __global__ void __launch_bounds__(kThreads) forward_mma_kernel(const __grid_cons
   mma_t* q_tile = shared_region<mma_t>(Traits::kQ);
   mma_t* k_tile = shared_region<mma_t>(Traits::kK);
   mma_t* v_tile = shared_region<mma_t>(Traits::kV);
-  const int E = static_cast<int>(p.E), Ev = static_cast<int>(p.Ev);
-  const int e_steps = static_cast<int>(ceil_div(E, kMmaTile)), ev_steps = static_cast<int>(ceil_div(Ev, kMmaTile));
+  const auto [E, Ev, e_steps, ev_steps] = mma_head_dims(p);
   const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
   const FragmentLane at(lane);
   const int strip0 = warp * kMTiles * kMmaTile;  // the warp's first row in the query tile

@@ -15,8 +15,8 @@
 #include "attention/params.h"
 #include "cuda/launch.h"
 
-// Device code that needs sm80 (mma.sync with bf16, ldmatrix, cp.async): compiled for sm80+ targets, and as host code by the CPU
-// emulator of the tests (tests/cuda_emulator), which defines MHA_EXT_CUDA_EMULATOR.
+// Device code that needs sm80 (mma.sync with bf16, ldmatrix, cp.async): compiled for sm80+ targets, and as
+// host code by the CPU emulator of the tests (tests/cuda_emulator), which defines MHA_EXT_CUDA_EMULATOR.
 #if (defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800) || defined(MHA_EXT_CUDA_EMULATOR)
 #define MHA_SM80_DEVICE_CODE 1
 #else
@@ -120,7 +120,7 @@ struct TileTraits {
 constexpr int kMmaTile = 16;
 constexpr int kMmaOperandBytes = 2;  // fp16 and bf16
 
-// ---- Tensor-core forward (mma.sync m16n8k16; forward_mma_kernel.cuh) ----
+// ---- Tensor-core tiles (mma.sync m16n8k16; forward_mma_kernel.cuh, backward_mma_kernel.cuh) ----
 
 // Bytes of one cp.async copy and of one ldmatrix row: 8 16-bit elements.
 constexpr int kChunkBytes = 16;
@@ -134,6 +134,8 @@ struct PaddedTile {
   static constexpr int kRowElements = kHeadDim + kChunkElements;
   static constexpr int bytes(int rows) { return rows * kRowElements * kMmaOperandBytes; }
 };
+
+// ---- Tensor-core forward (forward_mma_kernel.cuh) ----
 
 // Each warp owns kMTiles strips of 16 query rows, from its scores to its output rows, all in registers:
 // per thread 8 kBlockK / 16 * kMTiles fp32 scores and kHeadDim / 2 * kMTiles fp32 outputs. Two strips up to
@@ -156,7 +158,7 @@ struct ForwardMmaTraits {
   static size_t smem_bytes() { return kSmemBytes; }
 };
 
-// ---- Tensor-core backward (mma.sync m16n8k16; backward_mma_kernel.cuh) ----
+// ---- Tensor-core backward (backward_mma_kernel.cuh) ----
 
 // A work item owns 64 rows, 16 per warp (keys in the dK/dV kernel, queries in the dQ kernel), whose two
 // operand tiles stay in shared memory and whose gradient accumulators stay in registers, and streams the

@@ -7,6 +7,7 @@
 #include <cuda_fp16.h>
 
 #include <cstdint>
+#include <cstring>
 #include <type_traits>
 
 #include "cuda/kernel_traits.cuh"
@@ -35,6 +36,15 @@ constexpr float kLog2e = 1.4426950408889634f;
 
 template <typename scalar_t>
 constexpr bool kIsBf16 = std::is_same_v<scalar_t, c10::BFloat16>;
+
+// A call's head dims as the kernels loop over them: E, Ev and their counts of 16-wide k slices.
+struct MmaHeadDims {
+  int E, Ev, e_steps, ev_steps;
+};
+__device__ __forceinline__ MmaHeadDims mma_head_dims(const AttentionParams& p) {
+  const int E = static_cast<int>(p.E), Ev = static_cast<int>(p.Ev);
+  return {E, Ev, static_cast<int>(ceil_div(E, kMmaTile)), static_cast<int>(ceil_div(Ev, kMmaTile))};
+}
 
 // A lane's place in an m16n8 fragment: rows g and g + 8, columns 2t and 2t + 1 (ptx.cuh).
 struct FragmentLane {

@@ -1,7 +1,7 @@
 // The sm80 warp-level instructions the FlashAttention-2-class kernels are built from, one function each:
-// mma.sync m16n8k16 (16-bit operands, fp32 accumulators), ldmatrix (x1/x2/x4, optionally transposed) and
-// cp.async (16 bytes, zero-filled where the source is out of bounds) with its commit and wait groups; and
-// ex2.approx, the exponential of the softmax.
+// mma.sync m16n8k16 (16-bit operands, fp32 accumulators), ldmatrix.x4 (optionally transposed; the
+// emulator's ldmatrix also takes x1 and x2), cp.async (16 bytes, zero-filled where the source is out of
+// bounds) with its commit and wait groups, and ex2.approx, the exponential of the softmax.
 // Fragment layouts are the PTX ISA's ("Matrix Fragments for mma.m16n8k16"), with groupID = lane / 4 and
 // threadID_in_group = lane % 4:
 //   A (16 x 16, row-major), a[0..3] of 2 elements each: (g, 2t..2t+1), (g+8, 2t..), (g, 2t+8..), (g+8, 2t+8..)
@@ -37,8 +37,6 @@ __device__ __forceinline__ void mma(float (&d)[4], const uint32_t (&a)[4], const
 __device__ __forceinline__ float ex2(float x) { return std::exp2(x); }
 __device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* row) { ldmatrix(r, 4, false, row); }
 __device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const void* row) { ldmatrix(r, 4, true, row); }
-__device__ __forceinline__ void ldmatrix_x2(uint32_t (&r)[2], const void* row) { ldmatrix(r, 2, false, row); }
-__device__ __forceinline__ void ldmatrix_x2_trans(uint32_t (&r)[2], const void* row) { ldmatrix(r, 2, true, row); }
 template <int kPending>
 __device__ __forceinline__ void cp_async_wait() {
   cp_async_wait(kPending);
@@ -84,16 +82,6 @@ __device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* row) {
 __device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const void* row) {
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(shared_address(row)));
-}
-__device__ __forceinline__ void ldmatrix_x2(uint32_t (&r)[2], const void* row) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0, %1}, [%2];\n"
-               : "=r"(r[0]), "=r"(r[1])
-               : "r"(shared_address(row)));
-}
-__device__ __forceinline__ void ldmatrix_x2_trans(uint32_t (&r)[2], const void* row) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%0, %1}, [%2];\n"
-               : "=r"(r[0]), "=r"(r[1])
                : "r"(shared_address(row)));
 }
 
